@@ -1,0 +1,71 @@
+"""Load a trained detector from a checkpoint, and run it on single images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from codetr.config import Config, config_from_dict
+from codetr.data.collate import collate
+from codetr.data.transforms import make_test_transforms
+from codetr.engine.checkpoint import load_checkpoint, load_model_state
+from codetr.errors import DataError
+from codetr.models.detector import DeformableDETR, build_detector
+
+
+@dataclass
+class LoadedDetector:
+    model: DeformableDETR
+    cfg: Config
+    cat_ids: list[int]
+    class_names: list[str]
+    epoch: int
+
+
+def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedDetector:
+    """Rebuild the model a checkpoint was trained with and load its weights (EMA weights if present)."""
+    state = load_checkpoint(ckpt)
+    cfg = config_from_dict(state["config"])
+    cfg.model.backbone.pretrained = ""  # the checkpoint already holds the trained backbone
+    model = build_detector(cfg.model, state["num_classes"])
+    weights = state["model"]
+    if use_ema and state.get("ema"):
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    load_model_state(model, weights, source=str(ckpt))
+    model.to(device).eval()
+    return LoadedDetector(model, cfg, list(state["cat_ids"]), list(state["class_names"]), state["position"]["epoch"])
+
+
+def open_image(path: str | Path) -> PIL.Image.Image:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"image not found: {file}")
+    try:
+        with PIL.Image.open(file) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise DataError(f"cannot read image {file}: {error}") from None
+
+
+@torch.no_grad()
+def predict_image(detector: LoadedDetector, image: PIL.Image.Image) -> dict[str, torch.Tensor]:
+    """Detections for one PIL image: {scores [k], labels [k], boxes [k, 4] xyxy in image pixels}."""
+    data = detector.cfg.data
+    transforms = make_test_transforms(data.test_size, data.test_max_size)
+    width, height = image.size
+    target = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "image_id": 0,
+        "orig_size": torch.tensor([height, width]),
+        "size": torch.tensor([height, width]),
+    }
+    tensor, target = transforms(image, target)
+    device = next(detector.model.parameters()).device
+    batch = collate([(tensor, target)]).to(device)
+    outputs = detector.model(batch.images, batch.masks)
+    result = detector.model.postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
+    return {k: v.cpu() for k, v in result.items()}

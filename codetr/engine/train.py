@@ -1,0 +1,287 @@
+"""Training: the loop, checkpoints every epoch (and optionally every N iterations), exact resume.
+
+Layout of an output directory:
+    config.json        the resolved config
+    log.jsonl          one record per iteration (every raw loss term, the weighted total, lr, time),
+                       plus {"event": "eval", ...} records
+    last.pt            the latest checkpoint; epoch_XXX.pt after each epoch
+    metrics.json       the latest evaluation
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from codetr.config import Config
+from codetr.data.collate import Batch
+from codetr.data.loaders import build_dataset, build_eval_loader, build_train_loader
+from codetr.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from codetr.engine.distributed import DistInfo, any_rank_true, barrier, init_distributed
+from codetr.engine.evaluate import evaluate, write_eval_outputs
+from codetr.engine.optim import build_optimizer, build_scheduler
+from codetr.engine.progress import TrainProgress
+from codetr.errors import CheckpointError, DataError, TrainingError
+from codetr.io import atomic_write_json, atomic_write_text
+from codetr.models.criterion import SetCriterion, weighted_total
+from codetr.models.detector import build_detector
+
+
+@dataclass
+class Position:
+    """Where training stands: the next epoch and iteration to run, and the optimizer steps so far."""
+
+    epoch: int = 0
+    iteration: int = 0
+    step: int = 0
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on GPUs that support it, else fp16 (with a GradScaler); nothing on CPU."""
+    if not enabled or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def train_step(
+    model: nn.Module,
+    criterion: SetCriterion,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    scaler: torch.amp.GradScaler | None = None,
+    where: str = "",
+) -> dict[str, float]:
+    """One forward + backward + optimizer step. Returns the raw loss terms and `loss` (weighted total).
+
+    A non-finite total on any rank raises TrainingError on every rank before any weight changes.
+    """
+    device = batch.images.device
+    with autocast_context(device, cfg.train.amp):
+        outputs = model(batch.images, batch.masks)
+    raw = criterion(outputs, batch.targets)
+    total, _ = weighted_total(raw, cfg.model.loss)
+    if any_rank_true(not bool(torch.isfinite(total)), device):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in raw.items())
+        raise TrainingError(f"non-finite loss {where}: loss={total.item():.4g}; {terms}")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if cfg.optim.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    record = {name: value.item() for name, value in raw.items()}
+    record["loss"] = total.item()
+    return record
+
+
+class Trainer:
+    """Holds everything one training run needs; `run()` trains to the configured number of epochs."""
+
+    def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, device: str = "", progress: bool = True):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.dist: DistInfo = init_distributed(device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        last = self.out_dir / "last.pt"
+        if last.exists() and not resume:
+            raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another --out")
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val")
+        if self.val_set.cat_ids != self.train_set.cat_ids:
+            raise DataError(
+                f"{self.val_set.ann_file}: categories {self.val_set.cat_ids} differ from the training set's "
+                f"{self.train_set.cat_ids}"
+            )
+        self.model = build_detector(cfg.model, self.train_set.num_classes).to(self.device)
+        self.criterion = SetCriterion(self.model.num_classes, cfg.model.loss)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        uses_fp16 = self.device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda") if uses_fp16 else None
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            if cfg.train.ema
+            else None
+        )
+        self.loader, self.seeded_set, self.sampler = build_train_loader(
+            self.train_set, cfg.data, cfg.train.seed, self.dist.rank, self.dist.world_size
+        )
+        self.position = Position()
+        if resume and last.exists():
+            self._restore(last)
+        self.ddp_model: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.distributed
+            else self.model
+        )
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out_dir / "config.json", cfg.to_dict())
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "position": vars(self.position).copy(),
+            "config": self.cfg.to_dict(),
+            "num_classes": self.model.num_classes,
+            "cat_ids": self.train_set.cat_ids,
+            "class_names": self.train_set.class_names,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def save(self, epoch_file: bool) -> None:
+        if self.dist.is_main:
+            state = self._state()
+            save_checkpoint(self.out_dir / "last.pt", state)
+            if epoch_file and self.cfg.train.keep_epoch_checkpoints:
+                save_checkpoint(self.out_dir / f"epoch_{self.position.epoch:03d}.pt", state)
+        barrier()
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        load_model_state(self.model, state["model"], source=str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.position = Position(**state["position"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.dist.is_main:
+            self._truncate_log(self.position.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records written after the checkpoint we resume from (they will be re-run)."""
+        log = self.out_dir / "log.jsonl"
+        if not log.exists():
+            return
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the interrupt
+            if record.get("step", 0) <= step and not (record.get("event") == "eval" and record["epoch"] > self.position.epoch):
+                kept.append(line)
+        atomic_write_text(log, "".join(line + "\n" for line in kept))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def iterations_per_epoch(self) -> int:
+        per_rank = math.ceil(len(self.seeded_set) / self.dist.world_size)
+        full = math.ceil(per_rank / self.cfg.data.batch_size)
+        limit = self.cfg.train.max_iters_per_epoch
+        return min(full, limit) if limit > 0 else full
+
+    def train_one_epoch(self, progress: TrainProgress) -> None:
+        epoch = self.position.epoch
+        total_iters = self.iterations_per_epoch()
+        self.seeded_set.epoch = epoch
+        self.sampler.set_epoch(epoch, skip=self.position.iteration * self.cfg.data.batch_size)
+        self.ddp_model.train()
+        progress.start_epoch(epoch, total_iters, done=self.position.iteration)
+        tick = time.perf_counter()
+        for batch in self.loader:
+            if self.position.iteration >= total_iters:
+                break
+            batch = batch.to(self.device)
+            where = f"at epoch {epoch} iteration {self.position.iteration}"
+            record = train_step(self.ddp_model, self.criterion, batch, self.optimizer, self.cfg, self.scaler, where)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.position.iteration += 1
+            self.position.step += 1
+            elapsed = time.perf_counter() - tick
+            tick = time.perf_counter()
+            self._log({"epoch": epoch, "iter": self.position.iteration - 1, "step": self.position.step,
+                       "lr": self.optimizer.param_groups[0]["lr"], "time": elapsed, **record})
+            progress.advance(record)
+            every = self.cfg.train.checkpoint_every
+            if every > 0 and self.position.iteration % every == 0 and self.position.iteration < total_iters:
+                self.save(epoch_file=False)
+        progress.end_epoch()
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.model
+        loader = build_eval_loader(self.val_set, self.cfg.data, self.dist.rank, self.dist.world_size)
+        metrics, detections = evaluate(
+            model, loader, self.val_set.coco, self.val_set.cat_ids, self.device, amp=self.cfg.train.amp,
+            progress=self.progress,
+        )
+        if self.dist.is_main:
+            extra = {"epoch": self.position.epoch, "checkpoint": str(self.out_dir / "last.pt")}
+            write_eval_outputs(self.out_dir, metrics, detections, extra=extra)
+            self._log({"event": "eval", "epoch": self.position.epoch, "step": self.position.step, **metrics})
+        return metrics
+
+    def _eval_due(self) -> bool:
+        every, epoch = self.cfg.train.eval_every, self.position.epoch
+        return epoch > 0 and ((every > 0 and epoch % every == 0) or epoch == self.cfg.optim.epochs)
+
+    def _evaluated_epoch(self) -> int:
+        metrics_file = self.out_dir / "metrics.json"
+        if not metrics_file.exists():
+            return -1
+        return int(json.loads(metrics_file.read_text()).get("epoch", -1))
+
+    def run(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        epochs = self.cfg.optim.epochs
+        # An interrupt between an epoch's checkpoint and its evaluation: evaluate now.
+        if self.position.iteration == 0 and self._eval_due() and self._evaluated_epoch() != self.position.epoch:
+            metrics = self.evaluate()
+        with TrainProgress(enabled=self.progress) as progress:
+            while self.position.epoch < epochs:
+                self.train_one_epoch(progress)
+                self.scheduler.step()
+                self.position.epoch += 1
+                self.position.iteration = 0
+                self.save(epoch_file=True)
+                if self._eval_due():
+                    metrics = self.evaluate()
+        return metrics
+
+
+def train(cfg: Config, out_dir: Path, resume: bool = False, device: str = "", progress: bool = True) -> dict[str, float]:
+    """Train (or resume) a run into `out_dir`; returns the last evaluation's metrics."""
+    return Trainer(cfg, out_dir, resume=resume, device=device, progress=progress).run()
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

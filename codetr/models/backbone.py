@@ -1,0 +1,75 @@
+"""ResNet backbone with frozen BatchNorm, returning C3, C4, C5 (strides 8, 16, 32)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from codetr.errors import CheckpointError
+
+_RESNETS = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+    152: torchvision.models.resnet152,
+}
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet, all BatchNorm frozen, the first `frozen_stages` stages frozen.
+
+    frozen_stages=1 freezes the stem and stage 1 (the paper's setting). ImageNet weights come only
+    from a local file (`pretrained`): a torchvision state dict, optionally with an `fc.` head.
+
+    forward(images [B, 3, H, W]) -> [C3, C4, C5], strides 8 / 16 / 32.
+    """
+
+    def __init__(self, depth: int = 50, frozen_stages: int = 1, pretrained: str = "") -> None:
+        super().__init__()
+        resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        if pretrained:
+            load_pretrained_resnet(resnet, pretrained)
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.stages = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
+        expansion = 4 if depth >= 50 else 1
+        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.out_strides = [8, 16, 32]
+        frozen = [self.stem, *self.stages][: frozen_stages + 1] if frozen_stages > 0 else []
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.stem(images)
+        outputs = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index >= 1:
+                outputs.append(x)
+        return outputs
+
+
+def load_pretrained_resnet(resnet: nn.Module, path: str) -> None:
+    """Load a local torchvision-format ResNet state dict; a mismatch lists the offending keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"model.backbone.pretrained: no file at {file}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or non-torch file
+        raise CheckpointError(f"model.backbone.pretrained: cannot read {file}: {error}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k for k in resnet.state_dict() if not k.startswith("fc.")}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} is not a torchvision ResNet of this depth: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    resnet.load_state_dict(state, strict=False)

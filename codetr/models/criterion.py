@@ -1,0 +1,136 @@
+"""Losses of the one-to-one head: Hungarian matching, then focal + L1 + GIoU per decoder layer and on the
+encoder proposals.
+
+Every term is returned RAW (unweighted) under a stable dotted name:
+    dec.d{l}.loss_cls / loss_bbox / loss_giou   decoder layer l (0-based; the last is the output layer)
+    enc.loss_cls / loss_bbox / loss_giou        encoder proposals (class-agnostic)
+Weights are applied once, by `weighted_total`, so logs can show raw and weighted values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from codetr.config import LossConfig
+from codetr.models.detector import DetectorOutput
+from codetr.models.losses import sigmoid_focal_loss
+from codetr.models.matcher import HungarianMatcher
+
+
+def num_boxes_normalizer(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+    """Average number of target boxes per process (all-reduced across ranks), at least 1.
+
+    Every rank divides by the same number, so DDP's gradient averaging equals one big batch.
+    """
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
+def dense_targets(
+    indices: list[tuple[Tensor, Tensor]], targets: list[dict[str, Tensor]], num_queries: int, num_classes: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Matched pairs -> per-query targets.
+
+    Returns labels [B, Q] (num_classes = background), boxes [B, Q, 4] cxcywh (zeros where unmatched)
+    and positive mask [B, Q].
+    """
+    device = targets[0]["boxes"].device if targets else torch.device("cpu")
+    batch = len(targets)
+    labels = torch.full((batch, num_queries), num_classes, dtype=torch.long, device=device)
+    boxes = torch.zeros(batch, num_queries, 4, device=device)
+    positive = torch.zeros(batch, num_queries, dtype=torch.bool, device=device)
+    for b, (query_index, target_index) in enumerate(indices):
+        labels[b, query_index] = targets[b]["labels"][target_index]
+        boxes[b, query_index] = targets[b]["boxes"][target_index].to(boxes.dtype)
+        positive[b, query_index] = True
+    return labels, boxes, positive
+
+
+def detection_losses(
+    logits: Tensor,
+    boxes: Tensor,
+    target_labels: Tensor,
+    target_boxes: Tensor,
+    positive: Tensor,
+    num_boxes: Tensor,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> dict[str, Tensor]:
+    """Focal classification over all queries; L1 and GIoU on positive queries only.
+
+    logits [B, Q, C]; boxes, target_boxes [B, Q, 4] cxcywh normalised; target_labels [B, Q] with C for
+    background; positive [B, Q] bool. Each sum is divided by `num_boxes`.
+    """
+    num_classes = logits.shape[-1]
+    onehot = F.one_hot(target_labels, num_classes + 1)[..., :num_classes].to(logits.dtype)
+    loss_cls = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma).sum() / num_boxes
+    pred = boxes[positive].float()
+    gt = target_boxes[positive].float()
+    loss_bbox = F.l1_loss(pred, gt, reduction="sum") / num_boxes
+    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
+    loss_giou = (1 - giou).sum() / num_boxes
+    return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched losses on every decoder layer and on the encoder proposals."""
+
+    def __init__(self, num_classes: int, cfg: LossConfig) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.cfg = cfg
+        self.matcher = HungarianMatcher(
+            cost_class=cfg.match_cost_class,
+            cost_bbox=cfg.match_cost_bbox,
+            cost_giou=cfg.match_cost_giou,
+            focal_alpha=cfg.focal_alpha,
+            focal_gamma=cfg.focal_gamma,
+        )
+
+    def matched_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], num_boxes: Tensor) -> dict[str, Tensor]:
+        indices = self.matcher(logits, boxes, targets)
+        labels, target_boxes, positive = dense_targets(indices, targets, logits.shape[1], logits.shape[-1])
+        return detection_losses(
+            logits, boxes, labels, target_boxes, positive, num_boxes, self.cfg.focal_alpha, self.cfg.focal_gamma
+        )
+
+    def forward(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """targets: per image {labels [N] int64, boxes [N, 4] cxcywh normalised}."""
+        num_boxes = num_boxes_normalizer(targets, outputs.pred_logits.device)
+        losses: dict[str, Tensor] = {}
+        for layer, (logits, boxes) in enumerate(outputs.layers):
+            for name, value in self.matched_losses(logits, boxes, targets, num_boxes).items():
+                losses[f"dec.d{layer}.{name}"] = value
+        if outputs.enc_logits is not None:
+            # Encoder proposals are class-agnostic: every object counts as class 0 (targets are copied).
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, agnostic, num_boxes).items():
+                losses[f"enc.{name}"] = value
+        return losses
+
+
+def loss_type_weights(cfg: LossConfig) -> dict[str, float]:
+    return {"loss_cls": cfg.cls_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+
+
+def weighted_total(losses: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The one place loss weights are applied. Returns (total, weighted terms by the same names).
+
+    A term's weight is its type's weight (the name's last part); an unknown type is an error rather
+    than a silent weight of 0 or 1.
+    """
+    type_weights = loss_type_weights(cfg)
+    weighted = {}
+    for name, value in losses.items():
+        loss_type = name.rsplit(".", 1)[-1]
+        if loss_type not in type_weights:
+            raise KeyError(f"loss term {name!r} has no weight; known types: {sorted(type_weights)}")
+        weighted[name] = value * type_weights[loss_type]
+    total = torch.stack(list(weighted.values())).sum()
+    return total, weighted

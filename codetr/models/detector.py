@@ -1,0 +1,109 @@
+"""The one-to-one detector: backbone -> channel mapper -> deformable transformer -> per-layer predictions.
+
+This is the deployed detector (the paper's Deformable-DETR baseline). Co-DETR's auxiliary parts are
+training-only and never change what `forward` + `postprocess` return.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codetr.box_ops import box_cxcywh_to_xyxy
+from codetr.config import ModelConfig
+from codetr.models.backbone import ResNetBackbone
+from codetr.models.neck import ChannelMapper
+from codetr.models.position_encoding import sine_position_encoding
+from codetr.models.transformer import DeformableTransformer, FlatFeatures, flatten_levels
+
+
+@dataclass
+class DetectorOutput:
+    """What the detector predicts for a batch.
+
+    pred_logits / pred_boxes: the last decoder layer, [B, Q, num_classes] logits and [B, Q, 4] cxcywh
+    boxes normalised to each image's valid region. `layers` holds every decoder layer (the last too)
+    for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals [B, S, *].
+    `memory` / `feats` are the encoder output and its layout, for the auxiliary branches and analyses.
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    layers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    enc_logits: Tensor | None = None
+    enc_boxes: Tensor | None = None
+    memory: Tensor | None = None
+    feats: FlatFeatures | None = None
+
+
+class DeformableDETR(nn.Module):
+    """Deformable-DETR (two-stage, box refine, mixed selection, look forward twice)."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        t = cfg.transformer
+        self.num_classes = num_classes
+        self.num_detections = cfg.num_detections
+        self.backbone = ResNetBackbone(cfg.backbone.depth, cfg.backbone.frozen_stages, cfg.backbone.pretrained)
+        self.neck = ChannelMapper(self.backbone.out_channels, t.d_model)
+        self.transformer = DeformableTransformer(
+            num_classes=num_classes,
+            num_queries=cfg.num_queries,
+            d_model=t.d_model,
+            num_heads=t.num_heads,
+            num_encoder_layers=t.num_encoder_layers,
+            num_decoder_layers=t.num_decoder_layers,
+            ffn_dim=t.ffn_dim,
+            dropout=t.dropout,
+            num_levels=t.num_levels,
+            num_points=t.num_points,
+            mixed_selection=cfg.mixed_selection,
+            look_forward_twice=cfg.look_forward_twice,
+        )
+
+    def extract_features(self, images: Tensor, masks: Tensor) -> FlatFeatures:
+        """images [B, 3, H, W], masks [B, H, W] (True = padding) -> flattened multi-level features."""
+        maps = self.neck(self.backbone(images))
+        level_masks = [F.interpolate(masks[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
+        pos = [sine_position_encoding(m, num_feats=maps[0].shape[1] // 2).to(maps[0].dtype) for m in level_masks]
+        return flatten_levels(maps, level_masks, pos, self.transformer.level_embed)
+
+    def forward(self, images: Tensor, masks: Tensor) -> DetectorOutput:
+        feats = self.extract_features(images, masks)
+        decoded, proposals, memory = self.transformer(feats)
+        layers = list(zip(decoded.logits, decoded.boxes))
+        return DetectorOutput(
+            pred_logits=decoded.logits[-1],
+            pred_boxes=decoded.boxes[-1],
+            layers=layers,
+            enc_logits=proposals.logits,
+            enc_boxes=proposals.boxes,
+            memory=memory,
+            feats=feats,
+        )
+
+    @torch.no_grad()
+    def postprocess(self, outputs: DetectorOutput, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Top-k (query, class) pairs by sigmoid score, no NMS.
+
+        orig_sizes: [B, 2] (h, w) of the original images. Returns per image {scores [k], labels [k]
+        (contiguous), boxes [k, 4] xyxy in original-image pixels}.
+        """
+        logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
+        batch, num_queries, num_classes = logits.shape
+        k = min(self.num_detections, num_queries * num_classes)
+        scores, flat_index = logits.sigmoid().flatten(1).topk(k, dim=1)
+        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        labels = flat_index % num_classes
+        boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query_index[..., None].expand(-1, -1, 4))
+        height, width = orig_sizes.float().unbind(-1)
+        scale = torch.stack((width, height, width, height), -1)[:, None]
+        boxes = boxes * scale
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:
+    """`num_classes` comes from the dataset unless the config fixes it (model.num_classes > 0)."""
+    return DeformableDETR(cfg, cfg.num_classes or num_classes)

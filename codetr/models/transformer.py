@@ -1,0 +1,315 @@
+"""The deformable transformer: encoder, two-stage query selection and the refining decoder.
+
+Shapes use B = batch, L = levels, S = sum of H_l * W_l over levels (flattened tokens), Q = queries,
+C = d_model. Boxes are cxcywh normalised to the valid (unpadded) image; `_unact` marks logits
+(pre-sigmoid) values.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codetr.box_ops import inverse_sigmoid
+from codetr.models.ms_deform_attn import MSDeformAttn
+from codetr.models.position_encoding import box_sine_embedding
+
+
+@dataclass
+class FlatFeatures:
+    """Multi-level maps flattened into one token sequence, with what attention needs to index it."""
+
+    tokens: Tensor  # [B, S, C]
+    pos: Tensor  # [B, S, C] sine encoding + level embedding
+    padding_mask: Tensor  # [B, S] True = padding
+    spatial_shapes: Tensor  # [L, 2] int64 (H_l, W_l)
+    level_start_index: Tensor  # [L] int64
+    valid_ratios: Tensor  # [B, L, 2] (w, h) fraction of each map that is not padding
+
+
+def flatten_levels(maps: list[Tensor], masks: list[Tensor], pos: list[Tensor], level_embed: Tensor) -> FlatFeatures:
+    """maps[l]: [B, C, H_l, W_l], masks[l]: [B, H_l, W_l] (True = pad), pos[l]: [B, C, H_l, W_l]."""
+    shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
+    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
+    tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
+    pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l] for l, p in enumerate(pos)], 1)
+    padding = torch.cat([m.flatten(1) for m in masks], 1)
+    valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+    return FlatFeatures(tokens, pos_flat, padding, shapes, starts, valid_ratios)
+
+
+def valid_ratio(mask: Tensor) -> Tensor:
+    """mask [B, H, W] (True = pad) -> [B, 2] (valid width / W, valid height / H)."""
+    _, height, width = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).float()
+    valid_w = (~mask[:, 0, :]).sum(1).float()
+    return torch.stack((valid_w / width, valid_h / height), -1)
+
+
+def ffn(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_model, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model), nn.Dropout(dropout)
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm: deformable self-attention -> LN -> FFN -> LN."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, num_levels: int, num_points: int):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = ffn(d_model, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, feats: FlatFeatures, reference_points: Tensor) -> Tensor:
+        attended = self.self_attn(
+            x + feats.pos, reference_points, x, feats.spatial_shapes, feats.level_start_index, feats.padding_mask
+        )
+        x = self.norm1(x + self.dropout(attended))
+        return self.norm2(x + self.ffn(x))
+
+
+def encoder_reference_points(feats: FlatFeatures) -> Tensor:
+    """Each token's own pixel centre, normalised to the valid region, then mapped to every level.
+
+    Returns [B, S, L, 2] (x, y) in the padded-map coordinates each level's sampling expects.
+    """
+    points = []
+    ratios = feats.valid_ratios
+    for level, (height, width) in enumerate(feats.spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.arange(height, device=ratios.device, dtype=torch.float32) + 0.5,
+            torch.arange(width, device=ratios.device, dtype=torch.float32) + 0.5,
+            indexing="ij",
+        )
+        ys = ys.reshape(1, -1) / (ratios[:, None, level, 1] * height)
+        xs = xs.reshape(1, -1) / (ratios[:, None, level, 0] * width)
+        points.append(torch.stack((xs, ys), -1))
+    points = torch.cat(points, 1)  # [B, S, 2], relative to each image's valid region
+    return points[:, :, None] * ratios[:, None]
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm: self-attention -> LN -> deformable cross-attention -> LN -> FFN -> LN."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, num_levels: int, num_points: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = ffn(d_model, ffn_dim, dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        feats: FlatFeatures,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        q = k = x + query_pos
+        attended = self.self_attn(q, k, x, attn_mask=self_attn_mask, need_weights=False)[0]
+        x = self.norm1(x + self.dropout(attended))
+        attended = self.cross_attn(
+            x + query_pos, reference_points, memory, feats.spatial_shapes, feats.level_start_index, feats.padding_mask
+        )
+        x = self.norm2(x + self.dropout(attended))
+        return self.norm3(x + self.ffn(x))
+
+
+def class_branch(d_model: int, num_classes: int) -> nn.Linear:
+    """Linear classifier whose bias starts every class at probability 0.01 (focal-loss prior)."""
+    branch = nn.Linear(d_model, num_classes)
+    nn.init.constant_(branch.bias, -math.log((1 - 0.01) / 0.01))
+    return branch
+
+
+def box_branch(d_model: int) -> nn.Sequential:
+    """MLP d-d-d-4 predicting a box delta in logit space; the last layer starts at zero (no change)."""
+    branch = nn.Sequential(
+        nn.Linear(d_model, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, d_model), nn.ReLU(inplace=True),
+        nn.Linear(d_model, 4),
+    )
+    nn.init.zeros_(branch[-1].weight)
+    nn.init.zeros_(branch[-1].bias)
+    return branch
+
+
+@dataclass
+class DecoderOutput:
+    logits: list[Tensor]  # per layer [B, Q, num_classes]
+    boxes: list[Tensor]  # per layer [B, Q, 4] cxcywh normalised (what the loss sees)
+    hidden: list[Tensor]  # per layer [B, Q, C]
+
+
+class Decoder(nn.Module):
+    """Decoder layers with iterative box refinement and 'look forward twice'.
+
+    Each layer refines its input reference boxes with its own box branch. The next layer receives the
+    refined box detached (so layers do not co-adapt through the reference); the loss of layer l sees
+    its box computed from the NON-detached refinement of layer l-1, so its gradient also reaches the
+    previous layer's box branch ("look forward twice", from H-DETR / DINO).
+    """
+
+    def __init__(self, layer: DecoderLayer, num_layers: int, num_classes: int, look_forward_twice: bool = True) -> None:
+        super().__init__()
+        d_model = layer.norm1.normalized_shape[0]
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        # Independent (not shared) class and box branches per layer.
+        self.class_branches = nn.ModuleList(class_branch(d_model, num_classes) for _ in range(num_layers))
+        self.box_branches = nn.ModuleList(box_branch(d_model) for _ in range(num_layers))
+        self.look_forward_twice = look_forward_twice
+
+    def forward(
+        self,
+        query: Tensor,
+        query_pos: Tensor,
+        reference_boxes: Tensor,
+        memory: Tensor,
+        feats: FlatFeatures,
+        self_attn_mask: Tensor | None = None,
+    ) -> DecoderOutput:
+        """query, query_pos: [B, Q, C]; reference_boxes: [B, Q, 4] cxcywh in [0, 1], detached."""
+        out = DecoderOutput([], [], [])
+        x = query
+        ref_detached = reference_boxes
+        ref_for_loss = reference_boxes
+        ratios = torch.cat((feats.valid_ratios, feats.valid_ratios), -1)[:, None]  # [B, 1, L, 4]
+        for index, layer in enumerate(self.layers):
+            x = layer(x, query_pos, ref_detached[:, :, None] * ratios, memory, feats, self_attn_mask)
+            delta = self.box_branches[index](x)
+            refined = (delta + inverse_sigmoid(ref_detached)).sigmoid()
+            if self.look_forward_twice:
+                boxes = (delta + inverse_sigmoid(ref_for_loss)).sigmoid()
+            else:
+                boxes = refined
+            out.boxes.append(boxes)
+            out.logits.append(self.class_branches[index](x))
+            out.hidden.append(x)
+            ref_for_loss = refined
+            ref_detached = refined.detach()  # the next layer refines from a fixed starting box
+        return out
+
+
+@dataclass
+class EncoderProposals:
+    logits: Tensor  # [B, S, num_classes] (only channel 0 is trained: class-agnostic)
+    boxes: Tensor  # [B, S, 4] cxcywh in [0, 1]
+    topk_boxes_unact: Tensor  # [B, Q, 4] selected proposals, detached logits
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder + two-stage proposal selection + decoder (Deformable-DETR, two-stage, box refine)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_queries: int = 300,
+        d_model: int = 256,
+        num_heads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        num_levels: int = 4,
+        num_points: int = 4,
+        mixed_selection: bool = True,
+        look_forward_twice: bool = True,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.num_queries = num_queries
+        self.mixed_selection = mixed_selection
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
+        nn.init.normal_(self.level_embed)
+        encoder_layer = EncoderLayer(d_model, num_heads, ffn_dim, dropout, num_levels, num_points)
+        self.encoder_layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_encoder_layers))
+
+        decoder_layer = DecoderLayer(d_model, num_heads, ffn_dim, dropout, num_levels, num_points)
+        self.decoder = Decoder(decoder_layer, num_decoder_layers, num_classes, look_forward_twice)
+
+        # Two-stage: proposals from encoder tokens, positional queries from the selected boxes.
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        self.enc_class_branch = class_branch(d_model, num_classes)
+        self.enc_box_branch = box_branch(d_model)
+        if mixed_selection:
+            self.content_queries = nn.Embedding(num_queries, d_model)
+        for layer in [*self.encoder_layers, *self.decoder.layers]:
+            for linear in layer.ffn:
+                if isinstance(linear, nn.Linear):
+                    nn.init.xavier_uniform_(linear.weight)
+                    nn.init.zeros_(linear.bias)
+        for linear in (self.enc_output, self.pos_trans):
+            nn.init.xavier_uniform_(linear.weight)
+
+    def encode(self, feats: FlatFeatures) -> Tensor:
+        """Returns the encoder memory [B, S, C]."""
+        reference_points = encoder_reference_points(feats)
+        x = feats.tokens
+        for layer in self.encoder_layers:
+            x = layer(x, feats, reference_points)
+        return x
+
+    def propose(self, memory: Tensor, feats: FlatFeatures) -> EncoderProposals:
+        """Score every encoder token as a proposal around a fixed grid box and keep the top Q."""
+        grid_unact, valid = grid_proposals(feats)
+        tokens = memory.masked_fill(~valid[..., None], 0.0)
+        tokens = self.enc_output_norm(self.enc_output(tokens))
+        logits = self.enc_class_branch(tokens)
+        boxes_unact = self.enc_box_branch(tokens) + grid_unact
+        # Selection by class channel 0 (class-agnostic training); invalid tokens can never win.
+        scores = logits[..., 0].masked_fill(~valid, float("-inf"))
+        topk = scores.topk(self.num_queries, dim=1).indices
+        topk_boxes_unact = torch.gather(boxes_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
+        return EncoderProposals(logits, boxes_unact.sigmoid(), topk_boxes_unact)
+
+    def queries_from_boxes(self, boxes_unact: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, Q, 4] box logits -> (content queries, positional queries), each [B, Q, C]."""
+        embedded = box_sine_embedding(boxes_unact.sigmoid(), num_feats=self.d_model // 2)
+        pos, content = self.pos_trans_norm(self.pos_trans(embedded)).split(self.d_model, -1)
+        if self.mixed_selection:
+            content = self.content_queries.weight[None].expand(boxes_unact.shape[0], -1, -1)
+        return content, pos
+
+    def forward(self, feats: FlatFeatures) -> tuple[DecoderOutput, EncoderProposals, Tensor]:
+        memory = self.encode(feats)
+        proposals = self.propose(memory, feats)
+        content, pos = self.queries_from_boxes(proposals.topk_boxes_unact)
+        decoded = self.decoder(content, pos, proposals.topk_boxes_unact.sigmoid(), memory, feats)
+        return decoded, proposals, memory
+
+
+def grid_proposals(feats: FlatFeatures) -> tuple[Tensor, Tensor]:
+    """One box per token: its pixel centre, size 0.05 * 2^level, in logit space.
+
+    Returns (boxes_unact [B, S, 4], valid [B, S]); invalid = padding or too close to the border.
+    """
+    boxes = []
+    for level, (height, width) in enumerate(feats.spatial_shapes.tolist()):
+        ratios = feats.valid_ratios[:, level]  # [B, 2] (w, h)
+        ys, xs = torch.meshgrid(
+            torch.arange(height, device=ratios.device, dtype=torch.float32) + 0.5,
+            torch.arange(width, device=ratios.device, dtype=torch.float32) + 0.5,
+            indexing="ij",
+        )
+        centres = torch.stack((xs.flatten(), ys.flatten()), -1)[None]  # [1, HW, 2]
+        centres = centres / (ratios[:, None] * torch.tensor([width, height], device=ratios.device))
+        sizes = torch.full_like(centres, 0.05 * 2.0**level)
+        boxes.append(torch.cat((centres, sizes), -1))
+    boxes = torch.cat(boxes, 1)
+    valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~feats.padding_mask
+    boxes_unact = torch.log(boxes / (1 - boxes)).masked_fill(~valid[..., None], float("inf"))
+    return boxes_unact, valid
