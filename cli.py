@@ -21,6 +21,16 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
+def one_line(error: CodetrError) -> str:
+    """The user-facing line of an error. An error raised in a DataLoader worker comes back with the
+    worker's traceback folded into its message; its original message is the traceback's last line."""
+    text = str(error).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
+
+
 def user_errors(command: Callable) -> Callable:
     """Turn CodetrError into one readable line and a non-zero exit."""
 
@@ -29,7 +39,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except CodetrError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {one_line(error)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

@@ -40,7 +40,7 @@ def trained_run(tmp_path_factory, synth_root):
 
 @pytest.mark.slow
 def test_train_eval_predict_end_to_end(trained_run, synth_root, cli_env, tmp_path):
-    for name in ("config.json", "log.jsonl", "last.pt", "epoch_000.pt", "metrics.json", "detections.json"):
+    for name in ("config.json", "log.jsonl", "last.pt", "epoch_001.pt", "metrics.json", "detections.json"):
         assert (trained_run / name).exists(), name
     records = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "event" not in r]
@@ -103,6 +103,21 @@ def test_predict_bad_images(trained_run, tmp_path, cli_env):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     assert_one_line_error(codetr("predict", "--ckpt", ckpt, "--image", corrupt, "--out", tmp_path / "o.png", env=cli_env),
                           "cannot read image", "corrupt.png")
+
+
+@pytest.mark.slow
+def test_training_over_a_corrupt_image_names_the_file(synth_root, tmp_path, cli_env):
+    """The error is raised in a DataLoader worker process and still reaches the user as one line."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    victim = sorted((root / "train2017").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated file
+    result = codetr("train", "--preset", "tiny", "--data", root, "--epochs", "1", "--out", tmp_path / "run",
+                    "--set", "data.num_workers=2", "--set", "model.num_queries=20", "--set", "model.num_detections=20",
+                    env=cli_env)
+    assert_one_line_error(result, victim.name)
 
 
 def test_train_refuses_to_overwrite_a_run_without_resume(trained_run, cli_env):

@@ -70,7 +70,7 @@ def test_resume_after_sigkill_repeats_the_same_loss_sequence(tmp_path, synth_roo
     proc = _codetr(*args, "--out", str(interrupted), env=cli_env)
     deadline = time.time() + 600
     while time.time() < deadline:  # kill once a mid-epoch checkpoint of epoch 1 exists
-        if (interrupted / "last.pt").exists() and (interrupted / "epoch_000.pt").exists():
+        if (interrupted / "last.pt").exists() and (interrupted / "epoch_001.pt").exists():
             try:
                 if load_checkpoint(interrupted / "last.pt")["position"]["iteration"] >= 2:
                     break
@@ -178,3 +178,32 @@ def test_two_process_gloo_ddp_step_equals_one_process_on_the_combined_batch(tmp_
         assert torch.allclose(ddp_params[name], value, atol=1e-6, rtol=1e-4), name  # float32 reduction order
         moved += int(not torch.allclose(initial[name], value, atol=1e-4))
     assert moved > 50  # the step really changed the weights, so the comparison is not vacuous
+
+
+def test_ema_follows_the_closed_form_recurrence_and_is_what_gets_deployed(tmp_path, synth_root, monkeypatch):
+    import codetr.engine.train as train_module
+    from codetr.engine.inference import load_detector
+
+    decay = 0.5
+    cfg = tiny_cfg(synth_root, "optim.epochs=1", "train.max_iters_per_epoch=3", "train.ema=true",
+                   f"train.ema_decay={decay}", "train.eval_every=0")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    name = "transformer.decoder.layers.0.ffn.0.weight"
+    snapshots = []
+    original = train_module.train_step
+
+    def recording_step(model, *args, **kwargs):
+        record = original(model, *args, **kwargs)
+        snapshots.append(dict(model.named_parameters())[name].detach().clone())
+        return record
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    trainer.run()
+    expected = snapshots[0]  # the first update copies the weights
+    for weights in snapshots[1:]:
+        expected = decay * expected + (1 - decay) * weights
+    ema_weights = dict(trainer.ema.module.named_parameters())[name]
+    assert torch.allclose(ema_weights, expected, atol=1e-6)  # float32 arithmetic
+    assert not torch.allclose(ema_weights, snapshots[-1], atol=1e-6)
+    deployed = load_detector(tmp_path / "run" / "last.pt")
+    assert torch.equal(dict(deployed.model.named_parameters())[name], ema_weights.detach())
