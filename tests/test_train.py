@@ -33,19 +33,29 @@ def read_log(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_tiny_preset_overfits_a_few_images(tmp_path, synth_root):
-    """4 generated images, no augmentation, evaluated on the same images: AP50 >= 0.5 within 300 steps."""
+    """4 generated images, no augmentation, evaluated on themselves: AP50 >= 0.5 after 100 steps.
+
+    The annotation file lists each image 25 times (new ids, same file), so 100 steps of batch 4 are
+    4 epochs and the run saves 4 checkpoints rather than 100.
+    """
     train_dir, ann = synth_root / "train2017", synth_root / "annotations" / "instances_train2017.json"
-    subset = json.loads(ann.read_text())
-    keep = {img["id"] for img in subset["images"] if any(a["image_id"] == img["id"] for a in subset["annotations"])}
-    keep = sorted(keep)[:4]
-    subset["images"] = [img for img in subset["images"] if img["id"] in keep]
-    subset["annotations"] = [a for a in subset["annotations"] if a["image_id"] in keep]
-    small_ann = tmp_path / "four.json"
-    small_ann.write_text(json.dumps(subset))
-    files = [f"data.train_images={train_dir}", f"data.train_ann={small_ann}",
-             f"data.val_images={train_dir}", f"data.val_ann={small_ann}"]
-    cfg = tiny_cfg(synth_root, *files, "data.augment=false", "data.batch_size=4", "optim.epochs=300",
-                   "optim.lr_drop_epochs=250", "train.eval_every=0", "train.keep_epoch_checkpoints=false")
+    full = json.loads(ann.read_text())
+    keep = sorted({a["image_id"] for a in full["annotations"]})[:4]
+    images = [img for img in full["images"] if img["id"] in keep]
+    annotations = [a for a in full["annotations"] if a["image_id"] in keep]
+    four = {**full, "images": images, "annotations": annotations}
+    repeated = {**full, "images": [], "annotations": []}
+    for copy in range(25):
+        repeated["images"] += [{**img, "id": img["id"] + 1000 * copy} for img in images]
+        repeated["annotations"] += [{**a, "id": a["id"] + 100000 * copy, "image_id": a["image_id"] + 1000 * copy}
+                                    for a in annotations]
+    (tmp_path / "four.json").write_text(json.dumps(four))
+    (tmp_path / "repeated.json").write_text(json.dumps(repeated))
+    files = [f"data.train_images={train_dir}", f"data.train_ann={tmp_path / 'repeated.json'}",
+             f"data.val_images={train_dir}", f"data.val_ann={tmp_path / 'four.json'}"]
+    cfg = tiny_cfg(synth_root, *files, "data.augment=false", "data.batch_size=4", "data.test_size=160",
+                   "data.test_max_size=256", "optim.epochs=4", "optim.lr_drop_epochs=100", "train.eval_every=0",
+                   "train.keep_epoch_checkpoints=false")
     metrics = Trainer(cfg, tmp_path / "run", progress=False).run()
     assert metrics["AP50"] >= 0.5, metrics
 
