@@ -156,6 +156,8 @@ def main() -> None:
         return
 
     runs = [("codetr", "train"), ("codetr", "infer")]
+    if args.hf and args.preset != "deformable_detr_r50_1x":
+        parser.error("--hf compares against an R50 DeformableDetr: use it with --preset deformable_detr_r50_1x")
     if args.hf:
         runs += [("hf", "train"), ("hf", "infer")]
     rows = []

@@ -18,6 +18,10 @@ def build_hf_deformable_detr(num_classes: int):
         with_box_refine=True,
         num_queries=300,
         two_stage_num_proposals=300,
+        # HF defaults to FFN width 1024; Co-DETR's Deformable-DETR uses 2048: match it so that both
+        # sides do the same work.
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
     )
     return DeformableDetrForObjectDetection(config)
 

@@ -51,9 +51,12 @@ def valid_ratio(mask: Tensor) -> Tensor:
 
 
 def ffn(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(d_model, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model), nn.Dropout(dropout)
-    )
+    """Linear -> ReLU -> Linear. Dropout modules only when p > 0: on CPU even Dropout(0) and an
+    in-place ReLU cost ~10% of the FFN's time on 20k encoder tokens."""
+    if dropout > 0:
+        return nn.Sequential(nn.Linear(d_model, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model),
+                             nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(d_model, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, d_model))
 
 
 class EncoderLayer(nn.Module):
@@ -62,7 +65,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, num_levels: int, num_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, num_heads, num_levels, num_points)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = ffn(d_model, ffn_dim, dropout)
         self.norm2 = nn.LayerNorm(d_model)
@@ -106,7 +109,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = ffn(d_model, ffn_dim, dropout)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(
         self,

@@ -1,0 +1,55 @@
+"""What every auxiliary head takes and returns (Co-DETR's collaborative hybrid assignment).
+
+Boxes here are xyxy in absolute pixels of the network input (the resized image, before padding);
+`image_sizes` gives each image's valid (unpadded) height and width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class AuxInputs:
+    """The encoder output as feature maps, plus the ground truth, for one batch."""
+
+    maps: list[Tensor]  # 5 x [B, C, H_l, W_l], strides 8, 16, 32, 64, 128
+    masks: list[Tensor]  # 5 x [B, H_l, W_l] bool, True = padding
+    strides: list[int]  # [8, 16, 32, 64, 128]
+    image_sizes: Tensor  # [B, 2] (h, w) valid size of each image, pixels
+    gt_boxes: list[Tensor]  # per image [N_i, 4] xyxy absolute pixels
+    gt_labels: list[Tensor]  # per image [N_i] int64, contiguous labels
+
+
+@dataclass
+class Candidates:
+    """One image's candidates of a head's one-to-many assignment (anchors, points or sampled RoIs).
+
+    Positives are the rows with labels < num_classes; the rest are negatives (label num_classes).
+    Co-DETR turns the positives into decoder queries and pads with negatives.
+    """
+
+    boxes: Tensor  # [M, 4] xyxy abs: the candidate's own box (anchor, point box, RoI)
+    labels: Tensor  # [M] int64, num_classes = background
+    target_boxes: Tensor  # [M, 4] xyxy abs: the assigned ground-truth box (undefined for negatives)
+    features: Tensor | None  # [M, C] content feature at the candidate, or None
+    num_gt: int  # ground-truth boxes in the image
+    num_classes: int  # the background label
+
+    @property
+    def positive(self) -> Tensor:
+        """[M] bool mask of the positives."""
+        return self.labels < self.num_classes
+
+    @property
+    def num_positives(self) -> int:
+        return int(self.positive.sum())
+
+
+@dataclass
+class AuxHeadOutput:
+    """Raw (unweighted) loss terms, e.g. {"loss_cls": ..., "loss_bbox": ...}, and per-image candidates."""
+
+    losses: dict[str, Tensor]
+    candidates: list[Candidates] = field(default_factory=list)
