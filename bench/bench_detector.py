@@ -53,7 +53,7 @@ def measure_ours(args, mode: str) -> dict:
     from codetr.data.collate import Batch
     from codetr.engine.optim import build_optimizer
     from codetr.engine.train import train_step
-    from codetr.models.criterion import SetCriterion
+    from codetr.models.criterion import build_criterion
     from codetr.models.detector import build_detector
 
     device = torch.device(args.device)
@@ -63,7 +63,7 @@ def measure_ours(args, mode: str) -> dict:
     height, width = args.size
     images, masks, targets = synthetic_batch(args.batch, height, width, args.num_classes, device)
     if mode == "train":
-        criterion = SetCriterion(model.num_classes, cfg.model.loss)
+        criterion = build_criterion(model, cfg.model)
         optimizer = build_optimizer(model, cfg.optim)
         batch = Batch(images, masks, targets)
         model.train()

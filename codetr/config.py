@@ -52,6 +52,31 @@ class LossConfig:
     match_cost_giou: float = 2.0
 
 
+AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl")
+
+
+@dataclass
+class AuxConfig:
+    """Co-DETR's collaborative hybrid assignment. `heads=[]` is exactly the one-to-one baseline.
+
+    Total loss (codetr/models/total_loss.py):
+        L = L_dec + lambda1 * sum_i L_aux_i + lambda2 * sum_i sum_l L_posq_{i,l}
+    weighting="released" reads the official config instead: auxiliary heads weighted
+    num_decoder_layers * lambda2 and positive-query branches lambda1 (its names are the paper's swapped;
+    with the defaults that is 12 and 1).
+    """
+
+    heads: list[str] = field(default_factory=list)  # any of AUX_HEAD_KINDS, any order, repeats allowed
+    lambda1: float = 1.0
+    lambda2: float = 2.0
+    weighting: str = "paper"  # "paper" or "released"
+    num_convs: int = 1  # stacked convs in one-stage heads (supplementary Table 1: 0..5)
+    min_queries: int = 9  # positive queries per image: clamp(max positives in the batch, min, max)
+    max_queries: int = 300
+    content_feature: bool = True  # add the projected feature at the positive location to the content query
+    head_pos_embed: str = "scalar"  # per-head term on the positional query: "scalar" (released R50), "vector", "none"
+
+
 @dataclass
 class ModelConfig:
     num_classes: int = 0  # 0: take the number of categories from the training dataset
@@ -64,6 +89,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
 
 @dataclass
@@ -166,9 +192,27 @@ def tiny() -> Config:
     return cfg
 
 
+def co_deformable_detr_r50_1x() -> Config:
+    """Co-Deformable-DETR R50 1x as released: K=2 auxiliary heads (ATSS + Faster-RCNN) on the baseline."""
+    cfg = deformable_detr_r50_1x()
+    cfg.preset = "co_deformable_detr_r50_1x"
+    cfg.model.aux.heads = ["atss", "faster_rcnn"]
+    return cfg
+
+
+def co_tiny() -> Config:
+    """The `tiny` preset plus K=2 auxiliary heads (ATSS + Faster-RCNN)."""
+    cfg = tiny()
+    cfg.preset = "co_tiny"
+    cfg.model.aux.heads = ["atss", "faster_rcnn"]
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], Config]] = {
     "deformable_detr_r50_1x": deformable_detr_r50_1x,
     "tiny": tiny,
+    "co_deformable_detr_r50_1x": co_deformable_detr_r50_1x,
+    "co_tiny": co_tiny,
 }
 
 
@@ -278,6 +322,11 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr", "> 0"),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),
         (cfg.train.ema_decay < 1.0, "train.ema_decay", "< 1"),
+        (all(h in AUX_HEAD_KINDS for h in cfg.model.aux.heads), "model.aux.heads", f"a list of {', '.join(AUX_HEAD_KINDS)}"),
+        (cfg.model.aux.weighting in ("paper", "released"), "model.aux.weighting", "'paper' or 'released'"),
+        (0 <= cfg.model.aux.num_convs <= 5, "model.aux.num_convs", "0..5"),
+        (1 <= cfg.model.aux.min_queries <= cfg.model.aux.max_queries, "model.aux.min_queries", "1 <= min_queries <= max_queries"),
+        (cfg.model.aux.head_pos_embed in ("scalar", "vector", "none"), "model.aux.head_pos_embed", "scalar, vector or none"),
     ]
     for ok, key, expected in checks:
         if not ok:

@@ -10,7 +10,8 @@ from codetr.engine.checkpoint import load_model_state
 from codetr.engine.optim import param_groups
 from codetr.errors import CheckpointError
 from codetr.models.backbone import ResNetBackbone
-from codetr.models.criterion import SetCriterion, weighted_total
+from codetr.models.criterion import SetCriterion
+from codetr.models.total_loss import LossWeights, weighted_total
 from codetr.models.detector import DetectorOutput, build_detector
 from codetr.models.position_encoding import box_sine_embedding, sine_position_encoding
 from codetr.models.transformer import flatten_levels, grid_proposals, valid_ratio
@@ -159,12 +160,12 @@ def test_criterion_names_every_term_and_weights_apply_once():
         {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.4]])},
         {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},  # background-only image
     ]
-    raw = SetCriterion(3, cfg.model.loss)(out, targets)
+    raw = SetCriterion(3, cfg.model)(out, targets)
     layers = cfg.model.transformer.num_decoder_layers
     expected = {f"dec.d{l}.{t}" for l in range(layers) for t in ("loss_cls", "loss_bbox", "loss_giou")}
     expected |= {"enc.loss_cls", "enc.loss_bbox", "enc.loss_giou"}
     assert set(raw) == expected
-    total, weighted = weighted_total(raw, cfg.model.loss)
+    total, weighted = weighted_total(raw, LossWeights(cfg.model))
     by_hand = sum(v * {"loss_cls": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}[k.rsplit(".", 1)[1]] for k, v in raw.items())
     assert torch.allclose(total, by_hand)
     total.backward()

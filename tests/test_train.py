@@ -17,7 +17,7 @@ from codetr.data.collate import Batch
 from codetr.engine.checkpoint import load_checkpoint
 from codetr.engine.train import Trainer, train_step
 from codetr.errors import TrainingError
-from codetr.models.criterion import SetCriterion
+from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.detector import build_detector
 
 FAST = ["data.num_workers=0", "data.batch_size=2", "model.num_queries=20", "model.num_detections=20"]
@@ -152,7 +152,7 @@ def _step_params(cfg, batch: Batch, ddp: bool) -> dict[str, torch.Tensor]:
     model = build_detector(cfg.model, num_classes=3)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    train_step(wrapped, SetCriterion(3, cfg.model.loss), batch, optimizer, cfg)
+    train_step(wrapped, build_criterion(model, cfg.model), batch, optimizer, cfg)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

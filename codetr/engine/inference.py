@@ -24,15 +24,24 @@ class LoadedDetector:
     epoch: int
 
 
-def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedDetector:
-    """Rebuild the model a checkpoint was trained with and load its weights (EMA weights if present)."""
+def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema: bool = True,
+                  deploy: bool = True) -> LoadedDetector:
+    """Rebuild the model a checkpoint was trained with and load its weights (EMA weights if present).
+
+    deploy=True builds the one-to-one detector alone: Co-DETR's training-only branches (`aux.*`) are
+    left out, so the deployed model has the baseline's parameters and cost. deploy=False keeps them
+    (for analyses of the auxiliary heads).
+    """
     state = load_checkpoint(ckpt)
     cfg = config_from_dict(state["config"])
     cfg.model.backbone.pretrained = ""  # the checkpoint already holds the trained backbone
-    model = build_detector(cfg.model, state["num_classes"])
     weights = state["model"]
     if use_ema and state.get("ema"):
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    if deploy:
+        cfg.model.aux.heads = []
+        weights = {k: v for k, v in weights.items() if not k.startswith("aux.")}
+    model = build_detector(cfg.model, state["num_classes"])
     load_model_state(model, weights, source=str(ckpt))
     model.to(device).eval()
     return LoadedDetector(model, cfg, list(state["cat_ids"]), list(state["class_names"]), state["position"]["epoch"])

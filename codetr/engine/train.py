@@ -32,7 +32,8 @@ from codetr.engine.optim import build_optimizer, build_scheduler
 from codetr.engine.progress import TrainProgress
 from codetr.errors import CheckpointError, DataError, TrainingError
 from codetr.io import atomic_write_json, atomic_write_text
-from codetr.models.criterion import SetCriterion, weighted_total
+from codetr.models.criterion import SetCriterion, build_criterion
+from codetr.models.total_loss import weighted_total
 from codetr.models.detector import build_detector
 
 
@@ -68,9 +69,9 @@ def train_step(
     """
     device = batch.images.device
     with autocast_context(device, cfg.train.amp):
-        outputs = model(batch.images, batch.masks)
+        outputs = model(batch.images, batch.masks, batch.targets)
     raw = criterion(outputs, batch.targets)
-    total, _ = weighted_total(raw, cfg.model.loss)
+    total, _ = weighted_total(raw, criterion.weights)
     if any_rank_true(not bool(torch.isfinite(total)), device):
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in raw.items())
         raise TrainingError(f"non-finite loss {where}: loss={total.item():.4g}; {terms}")
@@ -114,7 +115,7 @@ class Trainer:
                 f"{self.train_set.cat_ids}"
             )
         self.model = build_detector(cfg.model, self.train_set.num_classes).to(self.device)
-        self.criterion = SetCriterion(self.model.num_classes, cfg.model.loss)
+        self.criterion = build_criterion(self.model, cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         uses_fp16 = self.device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()

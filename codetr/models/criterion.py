@@ -4,7 +4,9 @@ encoder proposals.
 Every term is returned RAW (unweighted) under a stable dotted name:
     dec.d{l}.loss_cls / loss_bbox / loss_giou   decoder layer l (0-based; the last is the output layer)
     enc.loss_cls / loss_bbox / loss_giou        encoder proposals (class-agnostic)
-Weights are applied once, by `weighted_total`, so logs can show raw and weighted values.
+    aux.<head>.<term>                           Co-DETR auxiliary head (its own one-to-many losses)
+    posq.<head>.d{l}.loss_cls / ...             that head's positive queries through decoder layer l
+Weights (and lambda1 / lambda2) are applied once, in codetr/models/total_loss.py.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
-from codetr.config import LossConfig
+from codetr.config import ModelConfig
 from codetr.models.detector import DetectorOutput
 from codetr.models.losses import sigmoid_focal_loss
 from codetr.models.matcher import HungarianMatcher
+from codetr.models.total_loss import LossWeights
 
 
 def num_boxes_normalizer(targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
@@ -25,7 +28,12 @@ def num_boxes_normalizer(targets: list[dict[str, Tensor]], device: torch.device)
 
     Every rank divides by the same number, so DDP's gradient averaging equals one big batch.
     """
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    return synced_count(float(sum(len(t["labels"]) for t in targets)), device)
+
+
+def synced_count(local_count: float, device: torch.device) -> Tensor:
+    """A count averaged over ranks, at least 1 (a loss normaliser)."""
+    count = torch.tensor(local_count, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
@@ -81,16 +89,17 @@ def detection_losses(
 class SetCriterion(nn.Module):
     """Hungarian-matched losses on every decoder layer and on the encoder proposals."""
 
-    def __init__(self, num_classes: int, cfg: LossConfig) -> None:
+    def __init__(self, num_classes: int, cfg: ModelConfig, aux_head_weights: dict[str, dict[str, float]] | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.cfg = cfg
+        self.cfg = cfg.loss
+        self.weights = LossWeights(cfg, aux_head_weights)  # applied by total_loss.weighted_total
         self.matcher = HungarianMatcher(
-            cost_class=cfg.match_cost_class,
-            cost_bbox=cfg.match_cost_bbox,
-            cost_giou=cfg.match_cost_giou,
-            focal_alpha=cfg.focal_alpha,
-            focal_gamma=cfg.focal_gamma,
+            cost_class=self.cfg.match_cost_class,
+            cost_bbox=self.cfg.match_cost_bbox,
+            cost_giou=self.cfg.match_cost_giou,
+            focal_alpha=self.cfg.focal_alpha,
+            focal_gamma=self.cfg.focal_gamma,
         )
 
     def matched_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], num_boxes: Tensor) -> dict[str, Tensor]:
@@ -112,25 +121,24 @@ class SetCriterion(nn.Module):
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, agnostic, num_boxes).items():
                 losses[f"enc.{name}"] = value
+        for branch in outputs.aux or []:
+            losses.update(self.aux_losses(branch))
+        return losses
+
+    def aux_losses(self, branch) -> dict[str, Tensor]:
+        """A Co-DETR branch: the head's own raw losses, and its positive queries' losses on every
+        decoder layer against the head's one-to-many targets (no matching), normalised by positives."""
+        losses = {f"aux.{branch.name}.{term}": value for term, value in branch.head.losses.items()}
+        queries = branch.posq.queries
+        num_positive = synced_count(float(queries.positive.sum()), queries.labels.device)
+        for layer, (logits, boxes) in enumerate(zip(branch.posq.decoded.logits, branch.posq.decoded.boxes)):
+            terms = detection_losses(logits.float(), boxes.float(), queries.labels, queries.target_boxes, queries.positive,
+                                     num_positive, self.cfg.focal_alpha, self.cfg.focal_gamma)
+            for term, value in terms.items():
+                losses[f"posq.{branch.name}.d{layer}.{term}"] = value
         return losses
 
 
-def loss_type_weights(cfg: LossConfig) -> dict[str, float]:
-    return {"loss_cls": cfg.cls_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
-
-
-def weighted_total(losses: dict[str, Tensor], cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The one place loss weights are applied. Returns (total, weighted terms by the same names).
-
-    A term's weight is its type's weight (the name's last part); an unknown type is an error rather
-    than a silent weight of 0 or 1.
-    """
-    type_weights = loss_type_weights(cfg)
-    weighted = {}
-    for name, value in losses.items():
-        loss_type = name.rsplit(".", 1)[-1]
-        if loss_type not in type_weights:
-            raise KeyError(f"loss term {name!r} has no weight; known types: {sorted(type_weights)}")
-        weighted[name] = value * type_weights[loss_type]
-    total = torch.stack(list(weighted.values())).sum()
-    return total, weighted
+def build_criterion(model: nn.Module, cfg: ModelConfig) -> SetCriterion:
+    """The criterion for `model` (the baseline or Co-DETR, whose heads bring their own term weights)."""
+    return SetCriterion(model.num_classes, cfg, model.aux_loss_weights())

@@ -36,6 +36,7 @@ class DetectorOutput:
     enc_boxes: Tensor | None = None
     memory: Tensor | None = None
     feats: FlatFeatures | None = None
+    aux: list | None = None  # Co-DETR's per-head training outputs (codetr.models.co_detr.model.AuxBranchOutput)
 
 
 class DeformableDETR(nn.Module):
@@ -74,7 +75,9 @@ class DeformableDETR(nn.Module):
         pos = [sine_position_encoding(m, num_feats=maps[0].shape[1] // 2).to(maps[0].dtype) for m in level_masks]
         return flatten_levels(maps, level_masks, pos, self.transformer.level_embed)
 
-    def forward(self, images: Tensor, masks: Tensor) -> DetectorOutput:
+    def forward(self, images: Tensor, masks: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+        """images [B, 3, H, W], masks [B, H, W] (True = padding). `targets` is used only by Co-DETR's
+        training branches (see CoDeformableDETR); the one-to-one detector ignores it."""
         feats = self.extract_features(images, masks)
         decoded, proposals, memory = self.transformer(feats)
         layers = list(zip(decoded.logits, decoded.boxes))
@@ -87,6 +90,10 @@ class DeformableDETR(nn.Module):
             memory=memory,
             feats=feats,
         )
+
+    def aux_loss_weights(self) -> dict[str, dict[str, float]]:
+        """Per-term weights of auxiliary heads, by head name: none in the baseline."""
+        return {}
 
     @torch.no_grad()
     def postprocess(self, outputs: DetectorOutput, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
@@ -109,5 +116,11 @@ class DeformableDETR(nn.Module):
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:
-    """`num_classes` comes from the dataset unless the config fixes it (model.num_classes > 0)."""
-    return DeformableDETR(cfg, cfg.num_classes or num_classes)
+    """The baseline when `cfg.aux.heads` is empty, else Co-Deformable-DETR. `num_classes` comes from
+    the dataset unless the config fixes it (model.num_classes > 0)."""
+    num_classes = cfg.num_classes or num_classes
+    if cfg.aux.heads:
+        from codetr.models.co_detr.model import CoDeformableDETR
+
+        return CoDeformableDETR(cfg, num_classes)
+    return DeformableDETR(cfg, num_classes)
