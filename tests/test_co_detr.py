@@ -1,9 +1,14 @@
 """Co-DETR's collaborative hybrid assignment: positive-query rules, the lambda weighting, baseline
 equivalence, deployment, and gradient flow of each branch."""
+import math
+
 import pytest
 import torch
 
-from codetr.config import apply_overrides, get_preset
+from codetr.config import AUX_HEAD_KINDS, apply_overrides, get_preset
+from codetr.data.collate import Batch
+from codetr.engine.optim import build_optimizer
+from codetr.engine.train import train_step
 from codetr.models.co_detr.model import head_names
 from codetr.models.co_detr.positive_queries import gather_queries, query_count, select_indices
 from codetr.models.co_detr.types import Candidates
@@ -157,3 +162,23 @@ def test_each_branch_sends_gradients_to_the_encoder_and_backbone(prefix):
     backbone_grad = model.backbone.stages[-1][0].conv1.weight.grad
     assert encoder_grad is not None and encoder_grad.abs().sum() > 0
     assert backbone_grad is not None and backbone_grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", [[k] for k in AUX_HEAD_KINDS] + [list(AUX_HEAD_KINDS), ["atss", "atss"]],
+                         ids=lambda heads: "+".join(heads))
+def test_every_head_trains_alone_and_together(heads):
+    cfg = co_cfg(f"model.aux.heads=[{','.join(heads)}]")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, num_classes=3)
+    criterion = build_criterion(model, cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    before = {k: v.detach().clone() for k, v in model.aux.heads.named_parameters()}
+    images, masks, targets = batch()
+    record = train_step(model, criterion, Batch(images, masks, targets), optimizer, cfg)
+    assert all(math.isfinite(v) for v in record.values())
+    for index, name in enumerate(head_names(heads)):
+        assert any(k.startswith(f"aux.{name}.") for k in record) and any(k.startswith(f"posq.{name}.d1.") for k in record)
+        moved = [not torch.equal(before[k], v) for k, v in model.aux.heads[index].named_parameters(prefix=str(index))
+                 if v.requires_grad]
+        assert moved and any(moved), name

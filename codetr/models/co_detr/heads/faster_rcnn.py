@@ -1,0 +1,63 @@
+"""Faster-RCNN auxiliary head of Co-DETR: RPN on strides 8..128 + RoI head on strides 8..64.
+
+Settings are the released Co-Deformable-DETR R50 ones (Sense-X/Co-DETR, mmdet 2.x), see `rpn.py` and
+`roi_head.py`. The head's one-to-many assignment is the RoI sampling: its candidates are the sampled
+RoIs of every image (<= 512, <= 25 % positive, the GT boxes among the proposals), which Co-DETR turns
+into positive queries with the RoI feature averaged over the 7x7 grid as content feature.
+
+Loss terms (raw; the caller applies `loss_weights` and lambda_1):
+  loss_rpn_cls   sigmoid BCE on 256 sampled anchors per image          weight 1.0
+  loss_rpn_bbox  L1 on the positive anchors' deltas                    weight 1.0
+  loss_cls       softmax CE on the sampled RoIs (background last)      weight 1.0
+  loss_bbox      GIoU on the positive RoIs' decoded boxes              weight 10.0
+(The released config multiplies all four by num_decoder_layers * lambda_2 = 12; see codetr-facts.md.)
+
+Differences from the released code, on purpose: candidates are kept per image with their own count
+(Co-DETR truncates every image to the batch's smallest RoI count so that it can stack them; with the
+usual 1000 proposals every image has exactly 512 and nothing changes).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from codetr.models.co_detr.heads.roi_head import RoIHead
+from codetr.models.co_detr.heads.rpn import RPNHead
+from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
+
+
+class FasterRCNNHead(nn.Module):
+    """RPN + RoI head; forward(AuxInputs) -> AuxHeadOutput (raw losses, sampled RoIs as candidates).
+
+    num_convs: 3x3 conv + ReLU layers of the RPN tower (mmdet's RPNHead has 1; 0 puts the predictors
+    directly on the maps). finest_scale: RoI level mapping, level 0 for sqrt(w * h) < 2 * finest_scale;
+    the released config sets 112 (mmdet's own default is 56).
+    """
+
+    kind = "faster_rcnn"
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 256, num_convs: int = 1,
+        rpn_strides: tuple[int, ...] = (8, 16, 32, 64, 128), roi_strides: tuple[int, ...] = (8, 16, 32, 64),
+        finest_scale: float = 112.0, fc_channels: int = 1024, num_proposals: int = 1000, nms_pre: int = 4000,
+    ) -> None:
+        super().__init__()
+        if tuple(roi_strides) != tuple(rpn_strides[: len(roi_strides)]):
+            raise ValueError(
+                f"FasterRCNNHead: roi_strides {tuple(roi_strides)} must be the first levels of rpn_strides "
+                f"{tuple(rpn_strides)}"
+            )
+        self.num_classes = num_classes
+        self.loss_weights = {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 10.0}
+        self.rpn = RPNHead(in_channels, in_channels, num_convs, strides=tuple(rpn_strides),
+                           nms_pre=nms_pre, max_proposals=num_proposals)
+        self.roi_head = RoIHead(num_classes, in_channels, strides=tuple(roi_strides), finest_scale=finest_scale,
+                                fc_channels=fc_channels)
+
+    def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
+        """See `AuxInputs`: 5 maps [B, C, H_l, W_l] at strides 8..128, GT boxes xyxy abs per image."""
+        if tuple(inputs.strides) != self.rpn.strides:
+            raise ValueError(f"FasterRCNNHead: expected maps at strides {self.rpn.strides}, got {tuple(inputs.strides)}")
+        rpn_out = self.rpn(inputs.maps, inputs.image_sizes, inputs.gt_boxes)
+        roi_maps = inputs.maps[: len(self.roi_head.strides)]
+        roi_out = self.roi_head(roi_maps, rpn_out.proposals, inputs.gt_boxes, inputs.gt_labels)
+        return AuxHeadOutput(losses={**rpn_out.losses, **roi_out.losses}, candidates=roi_out.candidates)
