@@ -52,7 +52,7 @@ class LossConfig:
     match_cost_giou: float = 2.0
 
 
-AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl")
+AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl", "paa")
 
 
 @dataclass

@@ -81,6 +81,17 @@ def test_gathered_boxes_are_cxcywh_normalised_to_each_image():
     assert queries.positive.tolist() == [[True]] and queries.features.shape == (1, 1, 4)
 
 
+def test_assignment_counts_are_taken_before_the_cap():
+    from codetr.models.co_detr.model import AuxBranchOutput
+    from codetr.models.co_detr.types import AuxHeadOutput
+
+    many = candidates([0] * 400 + [3] * 10)
+    many.num_gt = 2
+    branch = AuxBranchOutput("atss", AuxHeadOutput({}, [many, candidates([1, 3])]), posq=None)
+    assert branch.assignment_counts() == [(400, 2), (1, 1)]
+    assert gather_queries([many], torch.tensor([[1000, 1000]])).labels.shape == (1, 300)  # the cap applies later
+
+
 def test_head_names_are_unique():
     assert head_names(["atss", "faster_rcnn", "atss"]) == ["atss", "faster_rcnn", "atss_2"]
 
@@ -177,6 +188,8 @@ def test_every_head_trains_alone_and_together(heads):
     images, masks, targets = batch()
     record = train_step(model, criterion, Batch(images, masks, targets), optimizer, cfg)
     assert all(math.isfinite(v) for v in record.values())
+    for name in head_names(heads):
+        assert record[f"stats.{name}.gts"] == 3 and record[f"stats.{name}.positives"] >= 1
     for index, name in enumerate(head_names(heads)):
         assert any(k.startswith(f"aux.{name}.") for k in record) and any(k.startswith(f"posq.{name}.d1.") for k in record)
         moved = [not torch.equal(before[k], v) for k, v in model.aux.heads[index].named_parameters(prefix=str(index))

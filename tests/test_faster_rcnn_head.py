@@ -190,22 +190,59 @@ def test_roi_sampling_counts_and_gt_as_proposals():
 def test_roi_losses_normalised_like_mmdet():
     torch.manual_seed(0)
     head = RoIHead(num_classes=3, in_channels=8, fc_channels=32)
-    for fc in (head.bbox_head.cls, head.bbox_head.reg):  # logits 0, deltas 0 -> predicted box = RoI
+    for fc in (head.bbox_head.cls, head.bbox_head.reg):  # constant outputs: logits 0, deltas = reg bias
         torch.nn.init.zeros_(fc.weight)
+    with torch.no_grad():  # class k predicts dx = 0.5 k (x std 0.1): the box moves right by 0.05 k widths
+        head.bbox_head.reg.bias.view(3, 4)[:, 0] = 0.5 * torch.arange(3.0)
     gt = [torch.tensor([[20.0, 30.0, 120.0, 110.0]]), torch.tensor([[50.0, 50.0, 200.0, 150.0]])]
     labels = [torch.tensor([1]), torch.tensor([2])]
-    proposals = [g.repeat(30, 1) + 8 * torch.randn(30, 4) for g in gt]
+    far = torch.tensor([[200.0, 200.0, 250.0, 250.0]]) + torch.rand(20, 4)  # negatives
+    proposals = [torch.cat((g.repeat(30, 1) + 8 * torch.randn(30, 4), far)) for g in gt]
     maps = [torch.cat((m, m)) for m in roi_maps()]
     out = head(maps, proposals, gt, labels)
     num_rois = sum(len(c.labels) for c in out.candidates)
+    assert sum(c.num_positives for c in out.candidates) < num_rois  # both kinds present
     # CE of uniform logits = log(C + 1), averaged over the sampled RoIs; tolerance 1e-6
     torch.testing.assert_close(out.losses["loss_cls"], torch.tensor(math.log(4)), atol=1e-6, rtol=0)
-    # GIoU term: sum over positives of 1 - GIoU(RoI, GT), divided by ALL sampled RoIs; tolerance 1e-5
+    # GIoU term: sum over positives of 1 - GIoU(box of the GT class's deltas, GT), divided by ALL
+    # sampled RoIs (mmdet's avg_factor = bbox_targets.size(0)); tolerance 1e-5
     total = 0.0
     for cand in out.candidates:
         pos = cand.positive
-        total += (1 - generalized_box_iou(cand.boxes[pos], cand.target_boxes[pos]).diagonal()).sum()
+        rois = cand.boxes[pos]
+        shift = 0.05 * cand.labels[pos] * (rois[:, 2] - rois[:, 0])
+        predicted = rois + torch.stack((shift, torch.zeros_like(shift)), 1).repeat(1, 2)
+        total += (1 - generalized_box_iou(predicted, cand.target_boxes[pos]).diagonal()).sum()
     torch.testing.assert_close(out.losses["loss_bbox"], total / num_rois, atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convs run faster on one thread, and far faster than two threads on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_roi_box_regression_learns(one_thread):
+    # fixed proposals near two GT boxes (all of them sampled): the GIoU term alone must go down,
+    # which fails if the class-specific deltas were picked or decoded wrongly
+    torch.manual_seed(0)
+    head = RoIHead(num_classes=3, in_channels=8, fc_channels=64)
+    generator = torch.Generator().manual_seed(0)
+    gt = torch.tensor([[20.0, 30.0, 120.0, 110.0], [140.0, 100.0, 230.0, 240.0]])
+    proposals = gt.repeat(50, 1) + 10 * torch.randn(100, 4, generator=generator)
+    maps = roi_maps()
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.2, momentum=0.9)
+    history = []
+    for _ in range(40):
+        loss = head(maps, [proposals], [gt], [torch.tensor([2, 0])]).losses["loss_bbox"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+    assert sum(history[-5:]) / 5 < 0.5 * history[0], history
 
 
 # --- the whole head --------------------------------------------------------------------------------------
@@ -215,7 +252,10 @@ def aux_inputs(seed: int = 0, channels: int = 32, empty_second: bool = False) ->
     generator = torch.Generator().manual_seed(seed)
     maps = [torch.randn(2, channels, 128 // s, 128 // s, generator=generator).requires_grad_() for s in STRIDES]
     masks = [torch.zeros(2, 128 // s, 128 // s, dtype=torch.bool) for s in STRIDES]
-    gt_boxes = [torch.tensor([[10.0, 12.0, 60.0, 70.0], [64.0, 40.0, 120.0, 100.0]]), torch.tensor([[20.0, 20.0, 90.0, 80.0]])]
+    gt_boxes = [
+        torch.tensor([[10.0, 12.0, 60.0, 70.0], [64.0, 40.0, 120.0, 100.0]]),
+        torch.tensor([[20.0, 20.0, 90.0, 80.0]]),
+    ]
     gt_labels = [torch.tensor([0, 2]), torch.tensor([1])]
     if empty_second:
         gt_boxes[1], gt_labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
@@ -244,15 +284,6 @@ def test_head_runs_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(aux_inputs())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny convs run faster on one thread, and far faster than two threads on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_smoke_training_loss_decreases_and_gradients_reach_maps(one_thread):

@@ -63,8 +63,9 @@ def test_targets_hand_worked():
         math.sqrt(2 / 22 * 6 / 10), math.sqrt(10 / 14 * 6 / 10), math.sqrt(6 / 18 * 6 / 10),
     ])
     torch.testing.assert_close(centerness_targets(targets.distances[positive]), expected_ctr, rtol=1e-6, atol=1e-7)
-    # the regress range applies to the largest distance: with range (-1, 20] only max(l,t,r,b) <= 20 stays
-    narrow = fcos_targets(points, strides, torch.tensor([-1.0, 20.0]).expand(16, 2), gt, torch.tensor([3]), 80)
+    # the regress range [low, high] (both ends inclusive) applies to the largest distance: with [14, 18],
+    # (12, y) (max 14) and (20, y) (max 18) stay, (4, y) (max 22) goes
+    narrow = fcos_targets(points, strides, torch.tensor([14.0, 18.0]).expand(16, 2), gt, torch.tensor([3]), 80)
     assert positive_points(narrow, points) == {(12.0, 4.0), (20.0, 4.0), (12.0, 12.0), (20.0, 12.0)}
 
 

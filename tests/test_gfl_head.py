@@ -128,10 +128,11 @@ def test_anchors_are_8_stride_squares_on_the_grid():
 def test_losses_and_candidates_against_recomputation():
     torch.manual_seed(0)
     head = GFLHead(num_classes=4, in_channels=32, num_convs=1)
-    inputs = make_inputs(image_sizes=torch.tensor([[128, 128], [100, 60]]),
+    # image 1 is padded to 100 (h) x 60 (w); image 2 has no boxes (it still counts 1 in num_pos)
+    inputs = make_inputs(batch=3, image_sizes=torch.tensor([[128, 128], [100, 60], [128, 128]]),
                          boxes=[torch.tensor([[10.0, 12.0, 60.0, 50.0], [40.0, 30.0, 120.0, 126.0]]),
-                                torch.tensor([[5.0, 5.0, 50.0, 90.0]])],
-                         labels=[torch.tensor([1, 3]), torch.tensor([2])])
+                                torch.tensor([[5.0, 5.0, 50.0, 90.0]]), torch.zeros(0, 4)],
+                         labels=[torch.tensor([1, 3]), torch.tensor([2]), torch.zeros(0, dtype=torch.int64)])
     out = head(inputs)
     assert set(out.losses) == set(head.loss_weights) == {"loss_cls", "loss_bbox", "loss_dfl"}
     assert head.loss_weights == {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_dfl": 0.25}
@@ -150,7 +151,7 @@ def test_losses_and_candidates_against_recomputation():
         level_valid = [int(v.sum()) for v in valid.split(counts)]
         assign = assigner.assign(anchors[valid], level_valid, inputs.gt_boxes[image], inputs.gt_labels[image])
         pos = assign.gt_inds > 0
-        assert torch.equal(cand.positive, pos) and pos.any()
+        assert torch.equal(cand.positive, pos) and pos.any() == (image < 2)
         gt_index = assign.gt_inds[pos] - 1
         assert torch.equal(cand.labels[pos], inputs.gt_labels[image][gt_index])
         assert torch.equal(cand.target_boxes[pos], inputs.gt_boxes[image][gt_index])

@@ -90,6 +90,10 @@ def train_step(
         optimizer.step()
     record = {name: value.item() for name, value in raw.items()}
     record["loss"] = total.item()
+    for branch in outputs.aux or []:  # Co-DETR: how many positives each head assigned (before the cap)
+        counts = branch.assignment_counts()
+        record[f"stats.{branch.name}.positives"] = float(sum(p for p, _ in counts))
+        record[f"stats.{branch.name}.gts"] = float(sum(g for _, g in counts))
     return record
 
 

@@ -87,16 +87,10 @@ def multilevel_anchors(
     return anchors
 
 
-def num_anchors_per_location(scales: Sequence[float], ratios: Sequence[float]) -> int:
-    """A = len(scales) * len(ratios)."""
-    return len(scales) * len(ratios)
-
-
 __all__ = [
     "anchor_centre_valid",
     "base_anchors",
     "grid_anchors",
     "multilevel_anchors",
-    "num_anchors_per_location",
     "octave_scales",
 ]

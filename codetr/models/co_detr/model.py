@@ -39,6 +39,10 @@ def build_aux_head(kind: str, num_classes: int, in_channels: int, num_convs: int
         from codetr.models.co_detr.heads.gfl import GFLHead
 
         return GFLHead(num_classes, in_channels, num_convs=num_convs)
+    if kind == "paa":
+        from codetr.models.co_detr.heads.paa import PAAHead
+
+        return PAAHead(num_classes, in_channels, num_convs=num_convs)
     if kind == "faster_rcnn":
         from codetr.models.co_detr.heads.faster_rcnn import FasterRCNNHead
 
@@ -63,6 +67,11 @@ class AuxBranchOutput:
     name: str
     head: AuxHeadOutput
     posq: PositiveQueryOutput
+
+    def assignment_counts(self) -> list[tuple[int, int]]:
+        """Per image (positives, ground-truth boxes) of the head's one-to-many assignment, counted
+        before the positive queries' cap (the paper's positive-query ratio is their quotient)."""
+        return [(c.num_positives, c.num_gt) for c in self.head.candidates]
 
 
 class CollaborativeBranches(nn.Module):

@@ -79,7 +79,7 @@ def gather_queries(
         labels.append(cand.labels[index])
         positives.append(cand.positive[index])
         if cand.features is not None:
-            feats.append(cand.features[index])
+            feats.append(cand.features_of(index))
     return PositiveQueryBatch(
         ref_boxes=torch.stack(refs).detach(),  # reference boxes are inputs, like the two-stage proposals
         features=torch.stack(feats) if feats else None,

@@ -33,9 +33,20 @@ class Candidates:
     boxes: Tensor  # [M, 4] xyxy abs: the candidate's own box (anchor, point box, RoI)
     labels: Tensor  # [M] int64, num_classes = background
     target_boxes: Tensor  # [M, 4] xyxy abs: the assigned ground-truth box (undefined for negatives)
-    features: Tensor | None  # [M, C] content feature at the candidate, or None
+    features: Tensor | None  # [M, C] content feature per candidate, or a bank [S, C] (see feature_index), or None
     num_gt: int  # ground-truth boxes in the image
     num_classes: int  # the background label
+    # With several anchors per location, `features` may be the per-location bank [S, C] and this [M] the
+    # location of each candidate: only the selected queries' rows are then gathered (RetinaNet has 9x
+    # more anchors than locations).
+    feature_index: Tensor | None = None
+
+    def features_of(self, index: Tensor) -> Tensor | None:
+        """[len(index), C] content features of the candidates `index`."""
+        if self.features is None:
+            return None
+        rows = self.feature_index[index] if self.feature_index is not None else index
+        return self.features[rows]
 
     @property
     def positive(self) -> Tensor:

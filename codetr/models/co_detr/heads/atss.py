@@ -169,7 +169,7 @@ class ATSSHead(nn.Module):
                 boxes=image_anchors,
                 labels=labels,
                 target_boxes=targets,
-                features=features[image][location[keep]],
+                features=features[image], feature_index=location[keep],
                 num_gt=int(gt_boxes.shape[0]),
                 num_classes=self.num_classes,
             ))

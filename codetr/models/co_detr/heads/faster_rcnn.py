@@ -56,7 +56,9 @@ class FasterRCNNHead(nn.Module):
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """See `AuxInputs`: 5 maps [B, C, H_l, W_l] at strides 8..128, GT boxes xyxy abs per image."""
         if tuple(inputs.strides) != self.rpn.strides:
-            raise ValueError(f"FasterRCNNHead: expected maps at strides {self.rpn.strides}, got {tuple(inputs.strides)}")
+            raise ValueError(
+                f"FasterRCNNHead: expected maps at strides {self.rpn.strides}, got {tuple(inputs.strides)}"
+            )
         rpn_out = self.rpn(inputs.maps, inputs.image_sizes, inputs.gt_boxes)
         roi_maps = inputs.maps[: len(self.roi_head.strides)]
         roi_out = self.roi_head(roi_maps, rpn_out.proposals, inputs.gt_boxes, inputs.gt_labels)

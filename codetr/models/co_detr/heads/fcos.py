@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from codetr.models.co_detr.heads.common import (
     flatten_level_predictions,
     giou_loss,
     init_head_conv,
+    one_hot_labels,
     prior_bias,
     reduce_mean,
     tower_out_channels,
@@ -63,6 +64,11 @@ def point_boxes(points: Tensor, strides: Tensor, scale: float = 8.0) -> Tensor:
     """
     half = 0.5 * scale * strides[:, None]
     return torch.cat((points - half, points + half), dim=-1)
+
+
+def distances_to_boxes(points: Tensor, distances: Tensor) -> Tensor:
+    """points [N, 2] (x, y) and distances [N, 4] (l, t, r, b), same units -> boxes [N, 4] xyxy."""
+    return torch.cat((points - distances[:, :2], points + distances[:, 2:]), dim=-1)
 
 
 def centerness_targets(distances: Tensor) -> Tensor:
@@ -184,7 +190,7 @@ class FCOSHead(nn.Module):
         super().__init__()
         if len(strides) != len(regress_ranges):
             raise ValueError(f"FCOSHead: {len(strides)} strides but {len(regress_ranges)} regress ranges")
-        feat_channels = feat_channels or in_channels
+        feat_channels = in_channels if feat_channels is None else feat_channels
         self.num_classes = num_classes
         self.strides = list(strides)
         self.regress_ranges = [tuple(map(float, r)) for r in regress_ranges]
@@ -240,7 +246,8 @@ class FCOSHead(nn.Module):
         boxes = point_boxes(points, strides, self.point_box_scale)
         features = flatten_level_features(inputs.maps)  # [B, P, C], keeps the graph
 
-        candidates, cls_parts, cls_targets, pos_parts = [], [], [], []
+        candidates, cls_logits_valid, labels_valid = [], [], []
+        pos_pred, pos_ctr, pos_target, pos_points, pos_strides = [], [], [], [], []
         for image, (gt_boxes, gt_labels) in enumerate(zip(inputs.gt_boxes, inputs.gt_labels)):
             valid = anchor_centre_valid(boxes, inputs.image_sizes[image])
             targets = fcos_targets(
@@ -248,47 +255,42 @@ class FCOSHead(nn.Module):
                 self.center_sampling, self.center_sample_radius,
             )
             positive = targets.labels < self.num_classes
-            cls_parts.append(cls_logits[image][valid])
-            cls_targets.append(F.one_hot(targets.labels, self.num_classes + 1)[:, : self.num_classes])
-            pos_parts.append((
-                distances_pred[image][valid][positive],
-                ctr_logits[image][valid][positive],
-                targets.distances[positive],
-                points[valid][positive],
-                strides[valid][positive],
-            ))
+            cls_logits_valid.append(cls_logits[image][valid])
+            labels_valid.append(targets.labels)
+            pos_pred.append(distances_pred[image][valid][positive])
+            pos_ctr.append(ctr_logits[image][valid][positive])
+            pos_target.append(targets.distances[positive])
+            pos_points.append(points[valid][positive])
+            pos_strides.append(strides[valid][positive])
             target_boxes = torch.zeros_like(boxes[valid])
             target_boxes[positive] = gt_boxes[targets.gt_index[positive]].to(target_boxes.dtype)
             candidates.append(Candidates(
                 boxes=boxes[valid], labels=targets.labels, target_boxes=target_boxes,
                 features=features[image][valid], num_gt=len(gt_boxes), num_classes=self.num_classes,
             ))
-        losses = self.losses(torch.cat(cls_parts), torch.cat(cls_targets), *map(torch.cat, zip(*pos_parts)))
+        losses = self.losses(
+            torch.cat(cls_logits_valid), torch.cat(labels_valid), torch.cat(pos_pred), torch.cat(pos_ctr),
+            torch.cat(pos_target), torch.cat(pos_points), torch.cat(pos_strides),
+        )
         return AuxHeadOutput(losses=losses, candidates=candidates)
 
     def losses(
-        self, cls_logits: Tensor, cls_targets: Tensor, pred_distances: Tensor, ctr_logits: Tensor,
+        self, cls_logits: Tensor, labels: Tensor, pred_distances: Tensor, ctr_logits: Tensor,
         target_distances: Tensor, points: Tensor, strides: Tensor,
     ) -> dict[str, Tensor]:
-        """cls_logits / cls_targets [M, K] over all valid points of the batch; the rest are the positives':
-        pred_distances [N, 4] stride units, ctr_logits [N], target_distances [N, 4] pixels, points [N, 2], strides [N]."""
+        """Raw losses of a batch. cls_logits [M, K] and labels [M] (num_classes = background) over all valid
+        points; then the N positives': pred_distances [N, 4] stride units, ctr_logits [N], target_distances
+        [N, 4] pixels, points [N, 2] pixels, strides [N]. N = 0 gives zero box / centerness terms."""
         num_pos = avg_factor(len(points), cls_logits.device)
-        loss_cls = sigmoid_focal_loss(cls_logits, cls_targets.to(cls_logits.dtype), self.focal_alpha, self.focal_gamma)
-        loss_cls = loss_cls.sum() / num_pos
-        if len(points) == 0:
-            # No positives anywhere: zero losses that still belong to the graph.
-            return {"loss_cls": loss_cls, "loss_bbox": pred_distances.sum() * 0, "loss_centerness": ctr_logits.sum() * 0}
+        onehot = one_hot_labels(labels, self.num_classes)
+        loss_cls = sigmoid_focal_loss(cls_logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_pos
 
         centerness = centerness_targets(target_distances)
-        pred_boxes = _distance_to_box(points, pred_distances * strides[:, None])
-        target_boxes = _distance_to_box(points, target_distances)
-        # mmdet clamps this normaliser at 1e-6, not 1 (it is a sum of values in (0, 1])
+        pred_boxes = distances_to_boxes(points, pred_distances * strides[:, None])
+        target_boxes = distances_to_boxes(points, target_distances)
+        # Reduced on every rank, positives or not (a collective skipped on one rank would hang the others).
+        # mmdet clamps this sum of values in (0, 1] at 1e-6, not 1.
         centerness_sum = reduce_mean(centerness.sum().detach()).clamp(min=1e-6)
         loss_bbox = giou_loss(pred_boxes, target_boxes, centerness) / centerness_sum
         loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, centerness, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_ctr}
-
-
-def _distance_to_box(points: Tensor, distances: Tensor) -> Tensor:
-    """points [N, 2] (x, y) and distances [N, 4] (l, t, r, b), same units -> boxes [N, 4] xyxy."""
-    return torch.cat((points - distances[:, :2], points + distances[:, 2:]), dim=-1)

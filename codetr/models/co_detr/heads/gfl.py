@@ -37,7 +37,7 @@ from codetr.models.co_detr.heads.common import (
     tower_out_channels,
     valid_anchor_masks,
 )
-from codetr.models.co_detr.heads.fcos import check_labels
+from codetr.models.co_detr.heads.fcos import check_labels, distances_to_boxes
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 
 # mmdet's bbox2distance keeps targets this far below reg_max, so the upper bin of DFL stays <= reg_max.
@@ -52,11 +52,6 @@ def integral_distances(distribution_logits: Tensor, reg_max: int) -> Tensor:
     probs = distribution_logits.reshape(*distribution_logits.shape[:-1], 4, reg_max + 1).softmax(-1)
     bins = torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)
     return probs @ bins
-
-
-def distances_to_boxes(centres: Tensor, distances: Tensor) -> Tensor:
-    """centres [N, 2] (x, y) and distances [N, 4] (l, t, r, b), same units -> boxes [N, 4] xyxy."""
-    return torch.cat((centres - distances[:, :2], centres + distances[:, 2:]), dim=-1)
 
 
 def boxes_to_distances(centres: Tensor, boxes: Tensor, max_distance: float) -> Tensor:

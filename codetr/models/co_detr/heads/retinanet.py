@@ -143,7 +143,7 @@ class RetinaNetHead(nn.Module):
                 boxes=image_anchors[chosen],
                 labels=labels[chosen],
                 target_boxes=targets[chosen],
-                features=features[image][location[keep][chosen]],
+                features=features[image], feature_index=location[keep][chosen],
                 num_gt=int(gt_boxes.shape[0]),
                 num_classes=self.num_classes,
             ))

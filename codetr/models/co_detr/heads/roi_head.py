@@ -170,7 +170,8 @@ class RoIHead(nn.Module):
         self.coder = DeltaXYWHCoder((0.0, 0.0, 0.0, 0.0), target_stds)
         self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=False,
                                        gt_max_assign_all=True)
-        self.sampler = RandomSampler(num_samples, pos_fraction, neg_pos_ub=-1, add_gt_as_proposals=add_gt_as_proposals)
+        self.sampler = RandomSampler(num_samples, pos_fraction, neg_pos_ub=-1,
+                                     add_gt_as_proposals=add_gt_as_proposals)
 
     def forward(
         self, maps: list[Tensor], proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor],
@@ -178,10 +179,12 @@ class RoIHead(nn.Module):
         """maps: L x [B, C, H_l, W_l] at `self.strides`; proposals: per image [P_i, 4] xyxy abs (no grad);
         gt_boxes / gt_labels: per image [N_i, 4] xyxy abs / [N_i] int64."""
         if len(maps) != len(self.strides):
-            raise ValueError(f"RoIHead: expected {len(self.strides)} maps (strides {self.strides}), got {len(maps)}")
+            raise ValueError(
+                f"RoIHead: expected {len(self.strides)} maps (strides {self.strides}), got {len(maps)}"
+            )
         samples = [
-            sample_rois(p.float(), b, l, self.num_classes, self.assigner, self.sampler)
-            for p, b, l in zip(proposals, gt_boxes, gt_labels)
+            sample_rois(boxes.float(), gt, gt_cls, self.num_classes, self.assigner, self.sampler)
+            for boxes, gt, gt_cls in zip(proposals, gt_boxes, gt_labels)
         ]
         boxes = torch.cat([s.boxes for s in samples])
         image_index = torch.cat([torch.full_like(s.labels, i) for i, s in enumerate(samples)])

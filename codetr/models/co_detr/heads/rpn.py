@@ -28,7 +28,7 @@ from codetr.models.co_detr.box_coder import DeltaXYWHCoder
 class RPNTargets:
     """One image's RPN training targets over all its anchors [M] (all levels, concatenated)."""
 
-    objectness: Tensor  # [M] float: 1 sampled positive, 0 sampled negative (value unused elsewhere)
+    objectness: Tensor  # [M] float BCE target: 1 for the sampled positives, 0 elsewhere
     sampled: Tensor  # [M] bool: the anchor is in the random sample (weight 1 in the objectness loss)
     positive: Tensor  # [M] bool: sampled positives (the anchors that get a delta loss)
     deltas: Tensor  # [M, 4] encoded targets of the positives, zeros elsewhere
@@ -176,7 +176,7 @@ class RPNHead(nn.Module):
     def anchors(self, maps: list[Tensor]) -> list[Tensor]:
         """Per level [H_l * W_l * A, 4] xyxy abs anchors (float32, on the maps' device)."""
         return [
-            grid_anchors(self.base_anchors[level], tuple(x.shape[-2:]), stride)
+            grid_anchors(self.base_anchors[level].float(), tuple(x.shape[-2:]), stride)
             for level, (x, stride) in enumerate(zip(maps, self.strides))
         ]
 
@@ -194,7 +194,9 @@ class RPNHead(nn.Module):
         """maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w) valid pixels;
         gt_boxes: per image [N_i, 4] xyxy abs."""
         if len(maps) != len(self.strides):
-            raise ValueError(f"RPNHead: expected {len(self.strides)} maps (strides {self.strides}), got {len(maps)}")
+            raise ValueError(
+                f"RPNHead: expected {len(self.strides)} maps (strides {self.strides}), got {len(maps)}"
+            )
         logits, deltas = self.predict(maps)
         anchors = self.anchors(maps)
         all_anchors = torch.cat(anchors)
