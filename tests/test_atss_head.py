@@ -9,6 +9,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from codetr.models.co_detr.heads.atss import ATSSHead, centerness_targets
 from codetr.models.co_detr.types import AuxInputs
+from tests.head_training import train_head
 
 STRIDES = [8, 16, 32, 64, 128]
 
@@ -137,23 +138,10 @@ def smoke_inputs(channels: int = 32) -> AuxInputs:
 
 def test_smoke_training_decreases_loss_and_reaches_inputs():
     torch.manual_seed(0)
-    head = ATSSHead(3, 32, num_convs=1)
-    inputs = smoke_inputs()
-    out = head(inputs)
-    total = sum(head.loss_weights[k] * v for k, v in out.losses.items())
-    total.backward()
-    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in inputs.maps)  # every level gets gradient
-    maps = [m.detach() for m in inputs.maps]
-    inputs.maps = maps
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
-    first = total.item()
-    for _ in range(30):
-        out = head(inputs)
-        total = sum(head.loss_weights[k] * v for k, v in out.losses.items())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    assert total.item() < 0.5 * first, (first, total.item())
+    history, out = train_head(ATSSHead(3, 32, num_convs=1), inputs := smoke_inputs())
+    # GroupNorm(32) on 32 channels zeroes the 1x1 stride-128 map inside the tower (no gradient there)
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in inputs.maps[:4])
+    assert history[-1] < 0.5 * history[0], history
     # every GT got positives; image 1 keeps the anchors centred in its 100 x 120 region:
     # 15 x 13 + 8 x 7 + 4 x 4 + 2 x 2 + 1 at strides 8..128
     assert all(c.num_positives > 0 for c in out.candidates)

@@ -13,6 +13,7 @@ from codetr.models.co_detr.heads.faster_rcnn import FasterRCNNHead
 from codetr.models.co_detr.heads.roi_head import RoIHead, map_roi_levels, multilevel_roi_align
 from codetr.models.co_detr.heads.rpn import RPNHead, proposals_single, rpn_losses, rpn_targets_single
 from codetr.models.co_detr.types import AuxInputs
+from tests.head_training import train_head
 
 STRIDES = [8, 16, 32, 64, 128]
 
@@ -288,17 +289,8 @@ def test_head_runs_under_autocast():
 
 def test_smoke_training_loss_decreases_and_gradients_reach_maps(one_thread):
     torch.manual_seed(0)
-    head = FasterRCNNHead(num_classes=3, in_channels=32, fc_channels=256)
     inputs = aux_inputs(seed=1)
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.02, momentum=0.9)
-    totals = []
-    for _ in range(30):
-        out = head(inputs)
-        total = sum(head.loss_weights[k] * v for k, v in out.losses.items())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        totals.append(float(total.detach()))
+    totals, _ = train_head(FasterRCNNHead(num_classes=3, in_channels=32, fc_channels=256), inputs, lr=0.02)
     assert sum(totals[-5:]) / 5 < 0.7 * sum(totals[:5]) / 5, totals
     # every level feeds the RPN (and the first four the RoI head): gradients reach all five maps
     for level, x in enumerate(inputs.maps):

@@ -17,6 +17,7 @@ from codetr.models.co_detr.heads.gfl import (
     quality_focal_loss,
 )
 from codetr.models.co_detr.types import AuxInputs
+from tests.head_training import train_head
 
 STRIDES = [8, 16, 32, 64, 128]
 
@@ -224,21 +225,8 @@ def test_autocast_runs_in_bfloat16():
 
 def test_smoke_training():
     torch.manual_seed(0)
-    head = GFLHead(num_classes=4, in_channels=32, num_convs=1)
     inputs = make_inputs()
-    for m in inputs.maps:
-        m.requires_grad_(True)
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
-    history = []
-    for _ in range(30):
-        out = head(inputs)
-        loss = sum(out.losses[k] * w for k, w in head.loss_weights.items())
-        optimizer.zero_grad()
-        for m in inputs.maps:
-            m.grad = None
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+    history, out = train_head(GFLHead(num_classes=4, in_channels=32, num_convs=1), inputs)
     assert all(m.grad is not None for m in inputs.maps)
     # GroupNorm(32) on 32 channels zeroes the 1x1 stride-128 map inside the tower (no gradient there)
     assert all(m.grad.abs().sum() > 0 for m in inputs.maps[:4])

@@ -8,6 +8,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from codetr.models.co_detr.heads.retinanet import RetinaNetHead
 from codetr.models.co_detr.types import AuxInputs
+from tests.head_training import train_head
 
 STRIDES = [8, 16, 32, 64, 128]
 GTS = torch.tensor([[16.0, 16.0, 48.0, 48.0], [0.0, 0.0, 20.0, 32.0], [44.0, 44.0, 64.0, 64.0]])
@@ -130,7 +131,7 @@ def test_wrong_strides_raise():
 def test_smoke_training_decreases_loss_and_reaches_inputs():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    maps = [torch.randn(2, 32, max(128 // s, 1), max(128 // s, 1), generator=g).requires_grad_() for s in STRIDES]
+    maps = [torch.randn(2, 32, max(128 // s, 1), max(128 // s, 1), generator=g) for s in STRIDES]
     inputs = AuxInputs(
         maps=maps,
         masks=[torch.zeros(2, m.shape[2], m.shape[3], dtype=torch.bool) for m in maps],
@@ -139,21 +140,10 @@ def test_smoke_training_decreases_loss_and_reaches_inputs():
         gt_boxes=[torch.tensor([[10.0, 10.0, 50.0, 60.0], [60.0, 20.0, 120.0, 100.0]]), torch.tensor([[5.0, 5.0, 30.0, 30.0]])],
         gt_labels=[torch.tensor([1, 2]), torch.tensor([0])],
     )
-    head = RetinaNetHead(3, 32, num_convs=1)
-    out = head(inputs)
-    total = sum(head.loss_weights[k] * v for k, v in out.losses.items())
-    total.backward()
-    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in maps)  # every level gets gradient
-    inputs.maps = [m.detach() for m in maps]
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
-    first = total.item()
-    for _ in range(30):
-        out = head(inputs)
-        total = sum(head.loss_weights[k] * v for k, v in out.losses.items())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-    assert total.item() < 0.5 * first, (first, total.item())
+    history, out = train_head(RetinaNetHead(3, 32, num_convs=1), inputs)
+    # GroupNorm(32) on 32 channels zeroes the 1x1 stride-128 map inside the tower (no gradient there)
+    assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in inputs.maps[:4])
+    assert history[-1] < 0.5 * history[0], history
     assert all(c.num_positives > 0 for c in out.candidates)
 
 
