@@ -140,8 +140,8 @@ def presets() -> None:
     from codetr.config import PRESETS
 
     for name, factory in PRESETS.items():
-        doc = (factory.__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name:28s} {doc}")
+        first_paragraph = (factory.__doc__ or "").strip().split("\n\n")[0]
+        typer.echo(f"{name:28s} {' '.join(first_paragraph.split())}")
 
 
 @app.command("config")

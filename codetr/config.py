@@ -80,9 +80,7 @@ class AuxConfig:
 @dataclass
 class ModelConfig:
     num_classes: int = 0  # 0: take the number of categories from the training dataset
-    num_queries: int = 300
-    two_stage: bool = True
-    with_box_refine: bool = True
+    num_queries: int = 300  # the detector is always two-stage with iterative box refinement
     mixed_selection: bool = True  # positional queries from the selected proposals, learned content queries
     look_forward_twice: bool = True
     num_detections: int = 100  # top-k kept at inference (no NMS)

@@ -8,7 +8,7 @@ from codetr.errors import ConfigError
 def test_paper_preset_defaults():
     cfg = get_preset("deformable_detr_r50_1x")
     assert cfg.model.num_queries == 300
-    assert cfg.model.two_stage and cfg.model.with_box_refine and cfg.model.mixed_selection
+    assert cfg.model.mixed_selection
     assert cfg.model.look_forward_twice
     assert (cfg.model.loss.cls_weight, cfg.model.loss.bbox_weight, cfg.model.loss.giou_weight) == (2.0, 5.0, 2.0)
     assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 1e-4 and cfg.optim.clip_max_norm == 0.1

@@ -114,6 +114,7 @@ def build_train_loader(
         num_workers=cfg.num_workers,
         persistent_workers=False,  # workers must see the dataset's current epoch
         drop_last=False,
+        generator=torch.Generator().manual_seed(seed),  # never draw from the global RNG (exact resume)
     )
     return loader, seeded, sampler
 
@@ -126,4 +127,5 @@ def build_eval_loader(dataset: Dataset, cfg: DataConfig, rank: int = 0, world_si
         sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(0),  # evaluating must not move the global RNG
     )

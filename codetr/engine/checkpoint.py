@@ -23,7 +23,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint not found: {file}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as error:  # truncated download, not a torch file, ...
         raise CheckpointError(f"cannot read checkpoint {file}: {type(error).__name__}: {error}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

@@ -45,10 +45,6 @@ def init_distributed(device: str = "") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, chosen)
 
 
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -66,3 +62,21 @@ def any_rank_true(flag: bool, device: torch.device) -> bool:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_objects(value):
+    """[value of rank 0, value of rank 1, ...] on every rank ([value] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank, so that all ranks take the same decision."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

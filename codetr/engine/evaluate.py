@@ -7,6 +7,7 @@ numbers every COCO paper reports. Detections use COCO's result format: one recor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 from pathlib import Path
@@ -19,6 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
+from codetr.engine.amp import autocast_context
 from codetr.errors import ConfigError, DataError
 from codetr.io import atomic_write_json
 
@@ -164,6 +166,9 @@ def _to_float32(outputs: Any) -> Any:
     """Cast floating tensors in nested dicts / lists to float32: fp16 boxes lose ~0.5 px at 1000 px."""
     if isinstance(outputs, Tensor):
         return outputs.float() if outputs.is_floating_point() else outputs
+    if dataclasses.is_dataclass(outputs) and not isinstance(outputs, type):
+        return dataclasses.replace(outputs, **{f.name: _to_float32(getattr(outputs, f.name)) for f in dataclasses.fields(outputs)
+                                               if f.init})
     if isinstance(outputs, dict):
         return {k: _to_float32(v) for k, v in outputs.items()}
     if isinstance(outputs, (list, tuple)):
@@ -240,8 +245,7 @@ def evaluate(
         task = bar.add_task("eval", total=_loader_length(data_loader))
         for batch in data_loader:
             batch = batch.to(device)
-            autocast = torch.autocast(device_type=device.type) if use_amp else contextlib.nullcontext()
-            with autocast:
+            with autocast_context(device, use_amp):  # the same dtype as in training
                 outputs = model(batch.images, batch.masks)
             if use_amp:
                 outputs = _to_float32(outputs)

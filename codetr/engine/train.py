@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from codetr.config import Config
 from codetr.data.collate import Batch
 from codetr.data.loaders import build_dataset, build_eval_loader, build_train_loader
+from codetr.engine.amp import autocast_context, needs_grad_scaler
 from codetr.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from codetr.engine.distributed import DistInfo, any_rank_true, barrier, init_distributed
+from codetr.engine.distributed import DistInfo, any_rank_true, barrier, broadcast_from_main, gather_objects, init_distributed
 from codetr.engine.evaluate import evaluate, write_eval_outputs
 from codetr.engine.optim import build_optimizer, build_scheduler
 from codetr.engine.progress import TrainProgress
@@ -44,14 +44,6 @@ class Position:
     epoch: int = 0
     iteration: int = 0
     step: int = 0
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on GPUs that support it, else fp16 (with a GradScaler); nothing on CPU."""
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def train_step(
@@ -122,8 +114,7 @@ class Trainer:
         self.criterion = build_criterion(self.model, cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        uses_fp16 = self.device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda") if uses_fp16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(self.device, cfg.train.amp) else None
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
             if cfg.train.ema
@@ -146,7 +137,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -158,13 +149,14 @@ class Trainer:
             "num_classes": self.model.num_classes,
             "cat_ids": self.train_set.cat_ids,
             "class_names": self.train_set.class_names,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": rng_per_rank,  # one entry per rank: their random streams differ (e.g. Co-DETR sampling)
         }
 
     def save(self, epoch_file: bool) -> None:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        rng_per_rank = gather_objects(rng)
         if self.dist.is_main:
-            state = self._state()
+            state = self._state(rng_per_rank)
             save_checkpoint(self.out_dir / "last.pt", state)
             if epoch_file and self.cfg.train.keep_epoch_checkpoints:
                 save_checkpoint(self.out_dir / f"epoch_{self.position.epoch:03d}.pt", state)
@@ -180,9 +172,11 @@ class Trainer:
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.position = Position(**state["position"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        saved = state["rng"]
+        rng = saved[self.dist.rank] if len(saved) == self.dist.world_size else saved[0]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         if self.dist.is_main:
             self._truncate_log(self.position.step)
 
@@ -269,7 +263,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         epochs = self.cfg.optim.epochs
         # An interrupt between an epoch's checkpoint and its evaluation: evaluate now.
-        if self.position.iteration == 0 and self._eval_due() and self._evaluated_epoch() != self.position.epoch:
+        missed = self.position.iteration == 0 and self._eval_due() and self._evaluated_epoch() != self.position.epoch
+        if broadcast_from_main(missed):  # rank 0 decides: every rank must join the evaluation
             metrics = self.evaluate()
         with TrainProgress(enabled=self.progress) as progress:
             while self.position.epoch < epochs:
@@ -286,7 +281,3 @@ class Trainer:
 def train(cfg: Config, out_dir: Path, resume: bool = False, device: str = "", progress: bool = True) -> dict[str, float]:
     """Train (or resume) a run into `out_dir`; returns the last evaluation's metrics."""
     return Trainer(cfg, out_dir, resume=resume, device=device, progress=progress).run()
-
-
-def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}

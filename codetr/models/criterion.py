@@ -75,6 +75,7 @@ def detection_losses(
     logits [B, Q, C]; boxes, target_boxes [B, Q, 4] cxcywh normalised; target_labels [B, Q] with C for
     background; positive [B, Q] bool. Each sum is divided by `num_boxes`.
     """
+    logits, boxes = logits.float(), boxes.float()  # losses in float32 even after a bf16/fp16 forward
     num_classes = logits.shape[-1]
     onehot = F.one_hot(target_labels, num_classes + 1)[..., :num_classes].to(logits.dtype)
     loss_cls = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma).sum() / num_boxes
@@ -103,6 +104,7 @@ class SetCriterion(nn.Module):
         )
 
     def matched_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], num_boxes: Tensor) -> dict[str, Tensor]:
+        logits, boxes = logits.float(), boxes.float()
         indices = self.matcher(logits, boxes, targets)
         labels, target_boxes, positive = dense_targets(indices, targets, logits.shape[1], logits.shape[-1])
         return detection_losses(
@@ -132,7 +134,7 @@ class SetCriterion(nn.Module):
         queries = branch.posq.queries
         num_positive = synced_count(float(queries.positive.sum()), queries.labels.device)
         for layer, (logits, boxes) in enumerate(zip(branch.posq.decoded.logits, branch.posq.decoded.boxes)):
-            terms = detection_losses(logits.float(), boxes.float(), queries.labels, queries.target_boxes, queries.positive,
+            terms = detection_losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive,
                                      num_positive, self.cfg.focal_alpha, self.cfg.focal_gamma)
             for term, value in terms.items():
                 losses[f"posq.{branch.name}.d{layer}.{term}"] = value

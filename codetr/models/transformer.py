@@ -206,7 +206,7 @@ class Decoder(nn.Module):
 
 @dataclass
 class EncoderProposals:
-    logits: Tensor  # [B, S, num_classes] (only channel 0 is trained: class-agnostic)
+    logits: Tensor  # [B, S, num_classes]; targets are class-agnostic (every object is class 0)
     boxes: Tensor  # [B, S, 4] cxcywh in [0, 1]
     topk_boxes_unact: Tensor  # [B, Q, 4] selected proposals, detached logits
 
@@ -273,9 +273,10 @@ class DeformableTransformer(nn.Module):
         tokens = self.enc_output_norm(self.enc_output(tokens))
         logits = self.enc_class_branch(tokens)
         boxes_unact = self.enc_box_branch(tokens) + grid_unact
-        # Selection by class channel 0 (class-agnostic training); invalid tokens can never win.
-        scores = logits[..., 0].masked_fill(~valid, float("-inf"))
-        topk = scores.topk(self.num_queries, dim=1).indices
+        # Selection by class channel 0 (the encoder is trained class-agnostic: every object is class 0).
+        # As in the released code, invalid tokens are not excluded: their memory is zeroed and their box
+        # is at infinity, so they score low and, if picked, start as a full-image box.
+        topk = logits[..., 0].topk(self.num_queries, dim=1).indices
         topk_boxes_unact = torch.gather(boxes_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
         return EncoderProposals(logits, boxes_unact.sigmoid(), topk_boxes_unact)
 

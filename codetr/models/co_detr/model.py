@@ -89,7 +89,7 @@ class CollaborativeBranches(nn.Module):
         width = {"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed)
         self.head_pos_embed = nn.Parameter(torch.zeros(len(cfg.heads), width)) if width else None
         if self.head_pos_embed is not None:
-            nn.init.normal_(self.head_pos_embed)
+            nn.init.xavier_uniform_(self.head_pos_embed)  # as the released model initialises it
 
     def loss_weights(self) -> dict[str, dict[str, float]]:
         """Each head's own per-term weights, by head name."""

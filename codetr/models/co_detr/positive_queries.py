@@ -28,7 +28,7 @@ from codetr.models.transformer import DecoderOutput
 class PositiveQueryBatch:
     """Selected candidates of one head for a batch, N per image, boxes cxcywh normalised to each image."""
 
-    ref_boxes: Tensor  # [B, N, 4] the candidates' own boxes, clamped to [0, 1]
+    ref_boxes: Tensor  # [B, N, 4] the candidates' own boxes (may exceed 1: large anchors, as released)
     features: Tensor | None  # [B, N, C]
     labels: Tensor  # [B, N] int64, num_classes = background (padding)
     target_boxes: Tensor  # [B, N, 4] assigned ground truth
@@ -74,7 +74,7 @@ def gather_queries(
         index = select_indices(cand, count, generator)
         height, width = image_sizes[image].tolist()
         scale = cand.boxes.new_tensor([width, height, width, height])
-        refs.append(box_xyxy_to_cxcywh(cand.boxes[index] / scale).clamp(0.0, 1.0))
+        refs.append(box_xyxy_to_cxcywh(cand.boxes[index] / scale))
         targets.append(box_xyxy_to_cxcywh(cand.target_boxes[index] / scale))
         labels.append(cand.labels[index])
         positives.append(cand.positive[index])
