@@ -191,7 +191,8 @@ def tiny() -> Config:
 
 
 def co_deformable_detr_r50_1x() -> Config:
-    """Co-Deformable-DETR R50 1x as released: K=2 auxiliary heads (ATSS + Faster-RCNN) on the baseline."""
+    """Co-Deformable-DETR R50 1x: the released model's K=2 auxiliary heads (ATSS + Faster-RCNN) on the
+    baseline, with the paper's lambda names (model.aux.weighting=released for the released weights)."""
     cfg = deformable_detr_r50_1x()
     cfg.preset = "co_deformable_detr_r50_1x"
     cfg.model.aux.heads = ["atss", "faster_rcnn"]

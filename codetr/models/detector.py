@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codetr.box_ops import box_cxcywh_to_xyxy
+from codetr.box_ops import scale_boxes
 from codetr.config import ModelConfig
 from codetr.models.backbone import ResNetBackbone
 from codetr.models.neck import ChannelMapper
@@ -108,10 +108,7 @@ class DeformableDETR(nn.Module):
         scores, flat_index = logits.sigmoid().flatten(1).topk(k, dim=1)
         query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
         labels = flat_index % num_classes
-        boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query_index[..., None].expand(-1, -1, 4))
-        height, width = orig_sizes.float().unbind(-1)
-        scale = torch.stack((width, height, width, height), -1)[:, None]
-        boxes = boxes * scale
+        boxes = scale_boxes(torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4)), orig_sizes)
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
 
 
