@@ -1,6 +1,7 @@
 """Checkpoints: atomic saves, readable errors on load, architecture checks that list mismatched keys."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as error:  # truncated download, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {file}: {type(error).__name__}: {error}") from None
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "not a torch checkpoint, or it holds objects other than tensors and plain data (never loaded)"
+        else:
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(f"cannot read checkpoint {file}: {reason}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a codetr checkpoint (expected keys 'model' and 'config')")
     return state
