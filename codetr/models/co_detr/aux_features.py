@@ -5,7 +5,6 @@ back into its levels (strides 8, 16, 32, 64) and a 3x3 stride-2 conv + GroupNorm
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
