@@ -131,7 +131,9 @@ def predict(
     drawn = draw_detections(picture, result["boxes"], result["labels"], result["scores"], detector.class_names, threshold)
     save_png(drawn, out)
     kept = int((result["scores"] >= threshold).sum())
-    console.print(f"{kept} detections >= {threshold} drawn to {out}")
+    best = float(result["scores"].max()) if len(result["scores"]) else 0.0
+    hint = f" (highest score {best:.2f}: lower --threshold to draw more)" if kept == 0 else ""
+    console.print(f"{kept} detections >= {threshold} drawn to {out}{hint}")
 
 
 @app.command()
