@@ -77,24 +77,29 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-def encoder_reference_points(feats: FlatFeatures) -> Tensor:
-    """Each token's own pixel centre, normalised to the valid region, then mapped to every level.
-
-    Returns [B, S, L, 2] (x, y) in the padded-map coordinates each level's sampling expects.
-    """
-    points = []
-    ratios = feats.valid_ratios
+def token_centres(feats: FlatFeatures) -> list[Tensor]:
+    """Per level, every token's pixel centre as (x, y) normalised to each image's valid region:
+    [B, H_l * W_l, 2]; tokens in the padding get values above 1."""
+    centres = []
     for level, (height, width) in enumerate(feats.spatial_shapes.tolist()):
+        ratios = feats.valid_ratios[:, level]  # [B, 2] (w, h)
         ys, xs = torch.meshgrid(
             torch.arange(height, device=ratios.device, dtype=torch.float32) + 0.5,
             torch.arange(width, device=ratios.device, dtype=torch.float32) + 0.5,
             indexing="ij",
         )
-        ys = ys.reshape(1, -1) / (ratios[:, None, level, 1] * height)
-        xs = xs.reshape(1, -1) / (ratios[:, None, level, 0] * width)
-        points.append(torch.stack((xs, ys), -1))
-    points = torch.cat(points, 1)  # [B, S, 2], relative to each image's valid region
-    return points[:, :, None] * ratios[:, None]
+        pixels = torch.stack((xs.flatten(), ys.flatten()), -1)[None]  # [1, HW, 2]
+        centres.append(pixels / (ratios[:, None] * torch.tensor([width, height], device=ratios.device)))
+    return centres
+
+
+def encoder_reference_points(feats: FlatFeatures) -> Tensor:
+    """Each token's own pixel centre, normalised to the valid region, then mapped to every level.
+
+    Returns [B, S, L, 2] (x, y) in the padded-map coordinates each level's sampling expects.
+    """
+    points = torch.cat(token_centres(feats), 1)  # [B, S, 2], relative to each image's valid region
+    return points[:, :, None] * feats.valid_ratios[:, None]
 
 
 class DecoderLayer(nn.Module):
@@ -300,19 +305,11 @@ def grid_proposals(feats: FlatFeatures) -> tuple[Tensor, Tensor]:
 
     Returns (boxes_unact [B, S, 4], valid [B, S]); invalid = padding or too close to the border.
     """
-    boxes = []
-    for level, (height, width) in enumerate(feats.spatial_shapes.tolist()):
-        ratios = feats.valid_ratios[:, level]  # [B, 2] (w, h)
-        ys, xs = torch.meshgrid(
-            torch.arange(height, device=ratios.device, dtype=torch.float32) + 0.5,
-            torch.arange(width, device=ratios.device, dtype=torch.float32) + 0.5,
-            indexing="ij",
-        )
-        centres = torch.stack((xs.flatten(), ys.flatten()), -1)[None]  # [1, HW, 2]
-        centres = centres / (ratios[:, None] * torch.tensor([width, height], device=ratios.device))
-        sizes = torch.full_like(centres, 0.05 * 2.0**level)
-        boxes.append(torch.cat((centres, sizes), -1))
-    boxes = torch.cat(boxes, 1)
+    boxes = torch.cat(
+        [torch.cat((centres, torch.full_like(centres, 0.05 * 2.0**level)), -1)
+         for level, centres in enumerate(token_centres(feats))],
+        1,
+    )
     valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1) & ~feats.padding_mask
     boxes_unact = torch.log(boxes / (1 - boxes)).masked_fill(~valid[..., None], float("inf"))
     return boxes_unact, valid

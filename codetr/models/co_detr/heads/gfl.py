@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.box_ops import box_area
-from codetr.models.co_detr.anchors import base_anchors, grid_anchors, octave_scales
+from codetr.models.co_detr.anchors import multilevel_anchors, octave_scales
 from codetr.models.co_detr.assigners import ATSSAssigner
 from codetr.models.co_detr.heads.common import (
     Scale,
@@ -164,11 +164,10 @@ class GFLHead(nn.Module):
 
     def anchors(self, maps: list[Tensor]) -> tuple[Tensor, list[int], Tensor]:
         """All levels' anchors [M, 4] xyxy abs, the count per level, and each anchor's stride [M]."""
-        per_level, strides = [], []
-        for size, stride in zip(feature_sizes(maps), self.strides):
-            base = base_anchors(stride, self.anchor_scales, (1.0,)).to(maps[0].device)
-            per_level.append(grid_anchors(base, size, stride))
-            strides.append(torch.full((len(per_level[-1]),), float(stride), device=maps[0].device))
+        per_level = multilevel_anchors(
+            feature_sizes(maps), self.strides, [float(s) for s in self.strides], self.anchor_scales, (1.0,), maps[0].device
+        )
+        strides = [torch.full((len(a),), float(s), device=maps[0].device) for a, s in zip(per_level, self.strides)]
         return torch.cat(per_level), [len(a) for a in per_level], torch.cat(strides)
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
