@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from codetr.engine.memory import peak_memory_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,12 +36,6 @@ def synthetic_batch(batch: int, height: int, width: int, num_classes: int, devic
         targets.append({"boxes": torch.cat((centres, sizes), 1).to(device),
                         "labels": torch.randint(num_classes, (5,), generator=generator).to(device)})
     return images.to(device), masks.to(device), targets
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def sync(device: torch.device) -> None:

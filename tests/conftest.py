@@ -21,3 +21,33 @@ def cli_env(tmp_path) -> dict:
     env = dict(os.environ)
     env.update(CODETR_DATA=str(tmp_path / "cache"), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
+
+
+def train_fixture_checkpoint(preset: str, data_root: Path, out_dir: Path, iterations: int = 6) -> Path:
+    """Train `preset` for a few iterations on `data_root` (small images) and return its last.pt.
+
+    Used by the analysis tests and notebooks: the weights are barely trained, but every module the
+    analyses touch (encoder, one-to-one head, auxiliary heads) is a real trained checkpoint.
+    """
+    from codetr.config import apply_overrides, get_preset
+    from codetr.engine.train import train
+
+    cfg = apply_overrides(get_preset(preset), [
+        f"data.root={data_root}", "optim.epochs=1", f"train.max_iters_per_epoch={iterations}",
+        "data.batch_size=2", "data.train_scales=[160]", "data.max_size=200", "data.augment=false",
+        "data.test_size=160", "data.test_max_size=200", "train.seed=0",
+    ])
+    train(cfg, out_dir, progress=False)
+    return out_dir / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def co_tiny_ckpt(synth_root, tmp_path_factory) -> Path:
+    """A `co_tiny` (ATSS + Faster-RCNN) checkpoint trained for a few iterations on `synth_root`."""
+    return train_fixture_checkpoint("co_tiny", synth_root, tmp_path_factory.mktemp("co_tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(synth_root, tmp_path_factory) -> Path:
+    """A `tiny` (no auxiliary heads) checkpoint trained for a few iterations on `synth_root`."""
+    return train_fixture_checkpoint("tiny", synth_root, tmp_path_factory.mktemp("tiny_run"))

@@ -1,0 +1,101 @@
+"""`codetr ablate`: build a grid, check it, run what is missing, and tabulate the results.
+
+    spec = grid_from_flags([("lambda1", "0.25,0.5,1,2")])          # or load_spec("experiments/x.yaml")
+    table = run_grid(spec, out=Path("runs/ablate-lambda1"), schedule=Schedule())
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from codetr.config import Config, apply_overrides, get_preset
+from codetr.errors import ConfigError
+from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_grid, product_points
+from experiments.launchers import LaunchOptions, launch, runs_to_execute
+from experiments.params import check_point, split_values
+from experiments.store import open_grid
+from experiments.table import GridTable, load_table, write_results
+
+
+@dataclass
+class Schedule:
+    """The training schedule of every run of a grid (part of the base config).
+
+    The default is short (one epoch capped at 100 iterations) so a 4-point grid finishes in about 15
+    minutes on a 2-core CPU; `max_iters=0` trains full epochs. Grids keep only last.pt per run (no
+    epoch_XXX.pt copies), checkpointed every 25 iterations so an interrupted run loses little.
+    """
+
+    epochs: int = DEFAULT_EPOCHS
+    max_iters: int = DEFAULT_MAX_ITERS
+    checkpoint_every: int = 25
+
+    def overrides(self) -> list[str]:
+        return [f"optim.epochs={self.epochs}", f"train.max_iters_per_epoch={self.max_iters}",
+                f"train.checkpoint_every={self.checkpoint_every}", "train.keep_epoch_checkpoints=false"]
+
+
+def grid_from_flags(params: list[tuple[str, str]], seeds: list[int] | None = None, preset: str = "co_tiny",
+                    overrides: list[str] | None = None) -> GridSpec:
+    """`--param NAME --values A,B` pairs -> a product grid."""
+    points = product_points([(name, split_values(values)) for name, values in params])
+    name = "ablate-" + "-".join(name.replace(".", "_") for name, _ in params)
+    return GridSpec(points=points, seeds=seeds or [0], preset=preset, overrides=list(overrides or []), name=name,
+                    title=f"Ablation: {' x '.join(name for name, _ in params)}")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def parse_baseline(text: str) -> dict[str, str]:
+    """`--baseline lambda1=1,lambda2=2` -> {'lambda1': '1', 'lambda2': '2'}."""
+    pairs = [part.split("=", 1) for part in split_values(text)]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ConfigError(f"--baseline {text!r}: expected NAME=VALUE[,NAME=VALUE], e.g. lambda1=1")
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def resolve_base(spec: GridSpec, schedule: Schedule, data: Path | None) -> tuple[GridSpec, Config]:
+    """The config every point starts from: preset, data, schedule, then the grid's own --set overrides.
+    Returns a copy of the spec whose overrides are all of those (the manifest records them)."""
+    extra = [f"data.root={data}"] if data is not None else []
+    spec = dataclasses.replace(spec, overrides=extra + schedule.overrides() + spec.overrides)
+    return spec, apply_overrides(get_preset(spec.preset), spec.overrides)
+
+
+def default_baseline(spec: GridSpec, base: Config) -> dict[str, str]:
+    """The point that leaves the base config unchanged (e.g. lambda1=1.0 on co_tiny), else the first."""
+    for point in spec.points:
+        if check_point(point.values, base).hash() == base.hash():
+            return point.values
+    return spec.points[0].values
+
+
+def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: Path | None = None,
+             options: LaunchOptions | None = None, retry_failed: bool = False, allow_changed_base: bool = False,
+             metrics: list[str] | None = None, show_progress: bool = True, log=print) -> GridTable:
+    """Run every missing run of the grid into `out` and return its table (also written to `out`).
+
+    Everything is checked before anything runs. Finished runs are skipped, interrupted ones resume
+    from their last checkpoint, failed ones are retried only with `retry_failed`.
+    """
+    options = options or LaunchOptions()
+    spec, base = resolve_base(spec, schedule or Schedule(), data)
+    check_grid(spec, base)
+    if spec.baseline is None:
+        spec.baseline = default_baseline(spec, base)
+    runs = open_grid(Path(out), spec, base, allow_changed_base=allow_changed_base)
+    todo, skipped = runs_to_execute(runs, retry_failed)
+    skipped_text = ", ".join(f"{n} {state}" for state, n in skipped.items() if n)
+    log(f"grid {out}: {len(runs)} runs ({len(spec.points)} points x {len(spec.seeds)} seeds); "
+        f"{len(todo)} to run" + (f", skipping {skipped_text}" if skipped_text else "")
+        + (" (pass --retry-failed to re-run failed runs)" if skipped["failed"] else ""))
+    launch(todo, options, Path(out), show_progress=show_progress)
+    table = load_table(Path(out), metrics)
+    write_results(Path(out), table)
+    return table

@@ -1,0 +1,170 @@
+"""A grid: a base configuration and a list of points (parameter values), each run once per seed.
+
+Points come from the command line (`--param NAME --values A,B` flags form a cartesian product) or from
+a YAML spec holding an explicit list (the paper's lambda table is a list, not a product):
+
+    name: supp_table2_lambdas
+    title: "Supplementary Table 2: lambda_1 and lambda_2"
+    preset: co_tiny                  # optional, like --preset
+    set: [optim.lr=2e-4]             # optional base overrides, like --set
+    epochs: 1                        # optional, like --epochs
+    max_iters: 100                   # optional, like --max-iters
+    seeds: [0]                       # optional, like --seeds
+    baseline: {lambda1: 1, lambda2: 2}
+    paper_metric: AP                 # what the `paper` numbers are
+    points:                          # explicit points ...
+      - {lambda1: 0.25, lambda2: 2, paper: 46.2}
+    product:                         # ... or a product (not both)
+      num_convs: [0, 1, 2]
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codetr.config import Config
+from codetr.errors import ConfigError
+from experiments.params import check_point, format_value
+
+# The short schedule of `codetr ablate` by default: one epoch capped at 100 iterations. With co_tiny on
+# a 2-core CPU a run takes about 3.5 minutes, so the README's 4-point grid finishes in about 15.
+DEFAULT_EPOCHS = 1
+DEFAULT_MAX_ITERS = 100
+
+
+@dataclass
+class GridPoint:
+    """One point: parameter name -> value text, plus the paper's number for it when a spec has one."""
+
+    values: dict[str, str]
+    paper: float | None = None
+
+    def label(self) -> str:
+        return ", ".join(f"{name}={value}" for name, value in self.values.items()) or "base"
+
+
+@dataclass
+class GridSpec:
+    """Everything that defines a grid, before anything runs."""
+
+    points: list[GridPoint]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    preset: str = "co_tiny"
+    overrides: list[str] = field(default_factory=list)  # base --set overrides (data root and schedule included)
+    baseline: dict[str, str] | None = None  # the point the table's delta column is measured against
+    name: str = "grid"
+    title: str = ""
+    paper_metric: str = "AP"
+
+    @property
+    def param_names(self) -> list[str]:
+        names: list[str] = []
+        for point in self.points:
+            names.extend(n for n in point.values if n not in names)
+        return names
+
+
+def product_points(params: list[tuple[str, list[str]]]) -> list[GridPoint]:
+    """The cartesian product of parameter value lists, first parameter slowest."""
+    names = [name for name, _ in params]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--param given twice: {', '.join(names)}")
+    return [GridPoint(dict(zip(names, combo))) for combo in itertools.product(*(values for _, values in params))]
+
+
+def check_grid(spec: GridSpec, base: Config) -> None:
+    """Fail before anything runs: every point must give a valid config and a distinct run folder."""
+    if not spec.points:
+        raise ConfigError("the grid has no points: give --param NAME --values A,B or --grid FILE.yaml")
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError(f"--seeds {spec.seeds}: expected distinct integers, e.g. 0,1,2")
+    seen: dict[str, str] = {}
+    for point in spec.points:
+        check_point(point.values, base)
+        name = run_name(point, spec.seeds[0])
+        if name in seen:
+            raise ConfigError(f"grid points {seen[name]!r} and {point.label()!r} are the same run; remove one")
+        seen[name] = point.label()
+    if spec.baseline is not None and find_point(spec, spec.baseline) is None:
+        raise ConfigError(f"baseline {spec.baseline} is not one of the grid's points")
+
+
+def find_point(spec: GridSpec, values: dict[str, str]) -> GridPoint | None:
+    for point in spec.points:
+        if point.values == values:
+            return point
+    return None
+
+
+def run_name(point: GridPoint, seed: int) -> str:
+    """The run folder's name: deterministic in the point's values and seed, so a re-run finds it.
+
+    e.g. {'lambda1': '0.25'} seed 0 -> 'lambda1=0.25__seed0'; characters unsafe in file names become '_'.
+    """
+    parts = [f"{name}={value}" for name, value in point.values.items()] + [f"seed{seed}"]
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "__".join(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML specs
+# ----------------------------------------------------------------------------------------------
+
+SPEC_KEYS = {"name", "title", "preset", "set", "epochs", "max_iters", "seeds", "baseline", "paper_metric", "points",
+             "product"}
+
+
+def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
+    """Read a YAML grid spec. Returns the spec and its schedule options (`epochs`, `max_iters`), which
+    the command line may override."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: grid file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with `points:` or `product:`")
+    unknown = set(data) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+    if ("points" in data) == ("product" in data):
+        raise ConfigError(f"{path}: give exactly one of `points:` (an explicit list) or `product:`")
+    if "points" in data:
+        points = [_spec_point(item, path, i) for i, item in enumerate(data["points"] or [])]
+    else:
+        product = data["product"]
+        if not isinstance(product, dict):
+            raise ConfigError(f"{path}: `product:` must map parameter names to value lists")
+        points = product_points([(name, [format_value(v) for v in _as_list(values)]) for name, values in product.items()])
+    baseline = data.get("baseline")
+    if baseline is not None and not isinstance(baseline, dict):
+        raise ConfigError(f"{path}: `baseline:` must map parameter names to values, e.g. {{lambda1: 1}}")
+    spec = GridSpec(
+        points=points,
+        seeds=[int(s) for s in _as_list(data.get("seeds", [0]))],
+        preset=str(data.get("preset", "co_tiny")),
+        overrides=[str(item) for item in _as_list(data.get("set", []))],
+        baseline={name: format_value(v) for name, v in baseline.items()} if baseline else None,
+        name=str(data.get("name", Path(path).stem)),
+        title=str(data.get("title", "")),
+        paper_metric=str(data.get("paper_metric", "AP")),
+    )
+    schedule = {key: int(data[key]) for key in ("epochs", "max_iters") if key in data}
+    return spec, schedule
+
+
+def _spec_point(item: Any, path: Path, index: int) -> GridPoint:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{path}: points[{index}] must be a mapping such as {{lambda1: 0.5, paper: 46.6}}")
+    values = {name: format_value(value) for name, value in item.items() if name != "paper"}
+    paper = item.get("paper")
+    return GridPoint(values, paper=float(paper) if paper is not None else None)
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]

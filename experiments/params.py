@@ -1,0 +1,98 @@
+"""Grid parameters: the paper's short names, value lists, and their translation into config overrides.
+
+A grid parameter is either a short name for one of the paper's knobs or any dotted config path:
+
+    lambda1      model.aux.lambda1                 weight of the auxiliary heads' losses
+    lambda2      model.aux.lambda2                 weight of the customized positive queries' losses
+    num_convs    model.aux.num_convs               stacked convs in the one-stage auxiliary heads (0..5)
+    aux_heads    model.aux.heads                   K and which heads: `atss+faster_rcnn`, `none` for K=0
+    num_queries  model.num_queries                 one-to-one queries
+    epochs       optim.epochs
+    lr           optim.lr
+
+Values are given as text (`0.25`, `atss+faster_rcnn`, `[224,256]`) and parsed by the config's own typed
+parser, so a bad value fails before any run starts.
+"""
+from __future__ import annotations
+
+from codetr.config import Config, apply_overrides, valid_keys
+from codetr.errors import ConfigError
+
+SHORT_NAMES: dict[str, str] = {
+    "lambda1": "model.aux.lambda1",
+    "lambda2": "model.aux.lambda2",
+    "num_convs": "model.aux.num_convs",
+    "aux_heads": "model.aux.heads",
+    "num_queries": "model.num_queries",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+}
+
+NO_HEADS = ("none", "0", "[]", "")
+
+
+def config_key(name: str, cfg: Config) -> str:
+    """The dotted config key of a parameter name; an unknown name lists what is valid."""
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    if name in valid_keys(cfg):
+        return name
+    raise ConfigError(
+        f"unknown grid parameter {name!r}; valid: the short names {', '.join(SHORT_NAMES)} "
+        f"or any config key (see `codetr config`), e.g. model.aux.lambda1"
+    )
+
+
+def override_text(name: str, value: str, cfg: Config) -> str:
+    """The `key=value` override for one parameter value, e.g. ('aux_heads', 'atss+fcos') ->
+    'model.aux.heads=[atss,fcos]'."""
+    key = config_key(name, cfg)
+    value = str(value).strip()
+    if key == "model.aux.heads" and not value.startswith("["):
+        heads = [] if value.lower() in NO_HEADS else value.split("+")
+        value = "[" + ",".join(heads) + "]"
+    return f"{key}={value}"
+
+
+def point_overrides(point: dict[str, str], cfg: Config) -> list[str]:
+    """The overrides of a grid point (parameter name -> value text), in the point's order."""
+    return [override_text(name, value, cfg) for name, value in point.items()]
+
+
+def check_point(point: dict[str, str], base: Config) -> Config:
+    """Apply a point to the base config, raising ConfigError (naming the parameter) if it is invalid."""
+    try:
+        return apply_overrides(base, point_overrides(point, base))
+    except ConfigError as error:
+        where = ", ".join(f"{name}={value}" for name, value in point.items())
+        raise ConfigError(f"grid point {where}: {error}") from None
+
+
+def split_values(text: str) -> list[str]:
+    """Split `--values` on commas outside brackets: '0.25,0.5' -> ['0.25', '0.5'];
+    '[224,256],[320]' -> ['[224,256]', '[320]']."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    if depth != 0 or any(v == "" for v in values):
+        raise ConfigError(f"--values {text!r}: expected a comma-separated list such as 0.25,0.5,1,2")
+    return values
+
+
+def format_value(value: object) -> str:
+    """Canonical text of a value read from YAML or the command line (1 and 1.0 stay distinct: the
+    config parser accepts both for float fields)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value).strip()

@@ -1,0 +1,193 @@
+"""The results store: one folder per grid, one sub-folder per run; nothing in it is ever lost.
+
+    GRID/manifest.json          base config hash, base preset + overrides, the points, seeds, version
+    GRID/<run name>/run.json    the run's point, seed, overrides and resolved config
+    GRID/<run name>/status.json pending | running | done | failed, with the error, timings and memory
+    GRID/<run name>/...         what `codetr train` writes: config.json, log.jsonl, last.pt, metrics.json
+    GRID/<run name>/run.log     the run's own output (its traceback when it failed)
+    GRID/results.{csv,md,tex}, GRID/plot_<metric>.png    the rendered table (experiments/table.py)
+
+Every write is atomic. A run being executed holds an exclusive lock on `<run>/.lock`, so a re-run of
+the grid can tell an interrupted run (no lock holder: resume it) from one still running elsewhere.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from codetr import __version__
+from codetr.config import Config
+from codetr.errors import ConfigError
+from codetr.io import atomic_write_json
+from experiments.grid import GridPoint, GridSpec, run_name
+from experiments.params import point_overrides
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+@dataclass
+class RunRecord:
+    """A run of the grid: where it lives and what it is."""
+
+    directory: Path
+    point: GridPoint
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    def status(self) -> dict[str, Any]:
+        return read_status(self.directory)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: corrupt JSON ({error}); move it away to start that part afresh") from None
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    return read_json(run_dir / "status.json", {"state": PENDING})
+
+
+def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    status = read_status(run_dir)
+    status.update(fields, updated=time.time())
+    atomic_write_json(run_dir / "status.json", status)
+    return status
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether some process is executing this run right now (it holds `<run>/.lock`)."""
+    lock_file = run_dir / ".lock"
+    if not lock_file.exists():
+        return False
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+class RunLock:
+    """Exclusive lock of a run for the lifetime of the process executing it (released when it dies)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ConfigError(f"{self.path.parent}: this run is being executed by another process") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def base_config_summary(spec: GridSpec, base: Config) -> dict[str, Any]:
+    return {"preset": spec.preset, "overrides": spec.overrides, "hash": base.hash()}
+
+
+def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool = False) -> list[RunRecord]:
+    """Create or re-open the grid folder and return its runs (point x seed), creating their folders.
+
+    A re-opened grid must have the same base config (hash); points and seeds may be added. With
+    `allow_changed_base`, the new base is recorded, and runs whose resolved config changed are moved
+    aside to `<run>.stale-<old hash>` (never deleted) and start afresh.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = read_json(manifest_path)
+    base_summary = base_config_summary(spec, base)
+    if manifest is not None and manifest["base"]["hash"] != base_summary["hash"]:
+        if not allow_changed_base:
+            old = manifest["base"]
+            raise ConfigError(
+                f"{manifest_path}: this grid was made with a different base config (preset {old['preset']}, "
+                f"--set {old['overrides']}, hash {old['hash']}; now {base_summary['hash']}); use another --out, "
+                f"or pass --allow-changed-base to re-run the points whose config changed"
+            )
+    points = _merge_points(manifest, spec)
+    seeds = sorted(set((manifest or {}).get("seeds", [])) | set(spec.seeds))
+    manifest = {
+        "version": __version__,
+        "created": (manifest or {}).get("created", time.time()),
+        "base": base_summary,
+        "name": spec.name,
+        "title": spec.title,
+        "paper_metric": spec.paper_metric,
+        "baseline": spec.baseline if spec.baseline is not None else (manifest or {}).get("baseline"),
+        "params": spec.param_names,
+        "points": [{"values": p.values, "paper": p.paper} for p in points],
+        "seeds": seeds,
+    }
+    atomic_write_json(manifest_path, manifest)
+    runs = []
+    for point in spec.points:  # this invocation's points only: an earlier grid's extra points are kept, not re-run
+        for seed in spec.seeds:
+            runs.append(_prepare_run(root, point, seed, spec, base))
+    return runs
+
+
+def _merge_points(manifest: dict | None, spec: GridSpec) -> list[GridPoint]:
+    points = [GridPoint(p["values"], p.get("paper")) for p in (manifest or {}).get("points", [])]
+    for point in spec.points:
+        match = next((p for p in points if p.values == point.values), None)
+        if match is None:
+            points.append(point)
+        elif point.paper is not None:
+            match.paper = point.paper
+    return points
+
+
+def _prepare_run(root: Path, point: GridPoint, seed: int, spec: GridSpec, base: Config) -> RunRecord:
+    from experiments.params import check_point
+
+    run_dir = root / run_name(point, seed)
+    overrides = spec.overrides + point_overrides(point.values, base) + [f"train.seed={seed}"]
+    cfg = check_point({**point.values, "train.seed": str(seed)}, base)
+    existing = read_json(run_dir / "run.json")
+    if existing is not None and existing["config_hash"] != cfg.hash():
+        if is_locked(run_dir):
+            raise ConfigError(f"{run_dir}: its config changed but it is running elsewhere; wait or use another --out")
+        os.replace(run_dir, run_dir.with_name(f"{run_dir.name}.stale-{existing['config_hash']}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "run.json", {
+        "point": point.values, "seed": seed, "preset": spec.preset, "overrides": overrides,
+        "config_hash": cfg.hash(), "config": cfg.to_dict(),
+    })
+    if not (run_dir / "status.json").exists():
+        update_status(run_dir, state=PENDING, attempts=0)
+    return RunRecord(run_dir, point, seed)
+
+
+def grid_runs(root: Path) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Re-read a grid folder (for `codetr table`): its manifest and every run of its points and seeds."""
+    manifest = read_json(root / "manifest.json")
+    if manifest is None:
+        raise ConfigError(f"{root}: no manifest.json here; expected a folder written by `codetr ablate`")
+    runs = []
+    for item in manifest["points"]:
+        point = GridPoint(item["values"], item.get("paper"))
+        for seed in manifest["seeds"]:
+            run_dir = root / run_name(point, seed)
+            if run_dir.exists():
+                runs.append(RunRecord(run_dir, point, seed))
+    return manifest, runs

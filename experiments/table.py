@@ -1,0 +1,198 @@
+"""Paper-style tables of a grid: one row per point, mean +- std over seeds, delta against the baseline.
+
+Metrics are COCO fractions in the store (0.423) and are shown in percent like the paper (42.30).
+The spread is the sample standard deviation over seeds (ddof=1); with one seed none is shown.
+Files written into the grid folder:
+    results.csv   one row per point, machine-readable (fractions, separate _mean / _std columns)
+    results.md    the rendered table (Markdown);  results.tex  the same as a LaTeX tabular
+    plot_<metric>.png   each chosen metric against the parameter (error bars over seeds)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from codetr.engine.evaluate import METRIC_NAMES
+from codetr.errors import ConfigError
+from codetr.io import atomic_write_text
+from experiments.store import DONE, grid_runs
+
+DEFAULT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+FORMATS = ("md", "latex", "csv")
+
+
+@dataclass
+class GridTable:
+    """A grid's results: `points` has one row per point; `params` names its parameter columns."""
+
+    points: pd.DataFrame
+    params: list[str]
+    metrics: list[str]
+    title: str
+    paper_metric: str
+    baseline_label: str | None
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    unknown = [name for name in names if name not in METRIC_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"--metrics {','.join(names)}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"valid: {', '.join(METRIC_NAMES)}")
+    return names
+
+
+def run_rows(grid_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """One row per run: its parameter values, seed, state, metrics, seconds per iteration, peak memory."""
+    manifest, runs = grid_runs(grid_dir)
+    rows = []
+    for run in runs:
+        status = run.status()
+        row = {"point": run.point.values, "label": run.point.label(), "paper": run.point.paper, "seed": run.seed,
+               "state": status["state"], "error": status.get("error"), "sec_per_iter": status.get("sec_per_iter"),
+               "peak_mem_mb": status.get("peak_mem_mb")}
+        row.update((status.get("metrics") or {}) if status["state"] == DONE else {})
+        rows.append(row)
+    return manifest, pd.DataFrame(rows)
+
+
+def summarize(manifest: dict, runs: pd.DataFrame, metrics: list[str]) -> GridTable:
+    """Aggregate runs into one row per point (in the manifest's order) with mean/std over done seeds."""
+    params = manifest["params"]
+    baseline = manifest.get("baseline")
+    rows = []
+    for item in manifest["points"]:
+        label = ", ".join(f"{k}={v}" for k, v in item["values"].items()) or "base"
+        mine = runs[runs["label"] == label] if len(runs) else runs
+        done = mine[mine["state"] == DONE] if len(mine) else mine
+        row = {name: item["values"].get(name, "") for name in params}
+        row.update(label=label, paper=item.get("paper"), seeds_done=len(done), seeds=len(mine),
+                   is_baseline=baseline is not None and item["values"] == baseline,
+                   errors="; ".join(sorted(set(e for e in mine.get("error", pd.Series(dtype=object)).dropna()))))
+        for metric in metrics:
+            values = done[metric].astype(float) if metric in done else pd.Series(dtype=float)
+            row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        for column in ("sec_per_iter", "peak_mem_mb"):
+            values = done[column].dropna().astype(float) if column in done else pd.Series(dtype=float)
+            row[column] = values.mean() if len(values) else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    primary = metrics[0]
+    base_rows = table[table["is_baseline"]] if len(table) else table
+    base_value = base_rows[f"{primary}_mean"].iloc[0] if len(base_rows) else math.nan
+    table[f"delta_{primary}"] = table[f"{primary}_mean"] - base_value
+    return GridTable(table, params, metrics, manifest.get("title") or manifest.get("name", ""),
+                     manifest.get("paper_metric", "AP"), base_rows["label"].iloc[0] if len(base_rows) else None)
+
+
+def load_table(grid_dir: Path, metrics: list[str] | None = None) -> GridTable:
+    manifest, runs = run_rows(Path(grid_dir))
+    return summarize(manifest, runs, check_metrics(list(metrics or DEFAULT_METRICS)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _percent(mean: float, std: float, pm: str) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{100 * mean:.2f}"
+    return text if math.isnan(std) else f"{text} {pm} {100 * std:.2f}"
+
+
+def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list[str]]]:
+    """Header and cells as text: parameters, metrics (percent), delta, paper, s/iter, peak MB, seeds."""
+    primary = table.metrics[0]
+    has_paper = table.points["paper"].notna().any()
+    header = [*table.params, *table.metrics, f"Δ{primary}"]
+    header += [f"paper {table.paper_metric}"] if has_paper else []
+    header += ["s/it", "peak MB", "seeds"]
+    rows = []
+    for _, row in table.points.iterrows():
+        cells = [str(row[name]) + (" *" if row["is_baseline"] and name == table.params[-1] else "") for name in table.params]
+        cells += [_percent(row[f"{m}_mean"], row[f"{m}_std"], pm) for m in table.metrics]
+        delta = row[f"delta_{primary}"]
+        cells.append("-" if math.isnan(delta) else ("0" if row["is_baseline"] else f"{100 * delta:+.2f}"))
+        if has_paper:
+            cells.append("-" if pd.isna(row["paper"]) else f"{row['paper']:.1f}")
+        cells.append("-" if math.isnan(row["sec_per_iter"]) else f"{row['sec_per_iter']:.2f}")
+        cells.append("-" if math.isnan(row["peak_mem_mb"]) else f"{row['peak_mem_mb']:.0f}")
+        cells.append(f"{row['seeds_done']}/{row['seeds']}")
+        rows.append(cells)
+    return header, rows
+
+
+def footnote(table: GridTable) -> str:
+    note = "AP in percent; mean ± sample std over seeds."
+    if table.baseline_label:
+        note += f" * baseline ({table.baseline_label}); Δ is against it."
+    failed = table.points[table.points["errors"] != ""]
+    for _, row in failed.iterrows():
+        note += f"\nfailed at {row['label']}: {row['errors']}"
+    return note
+
+
+def to_markdown(table: GridTable) -> str:
+    header, rows = display_rows(table)
+    lines = [f"**{table.title}**", ""] if table.title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines + ["", footnote(table)]) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+        text = text.replace(char, escaped)
+    return text.replace("Δ", r"$\Delta$").replace("±", r"$\pm$")
+
+
+def to_latex(table: GridTable) -> str:
+    header, rows = display_rows(table)
+    lines = [r"\begin{tabular}{" + "l" * len(table.params) + "r" * (len(header) - len(table.params)) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: GridTable) -> str:
+    columns = [*table.params, *(f"{m}_{s}" for m in table.metrics for s in ("mean", "std")),
+               f"delta_{table.metrics[0]}", "paper", "sec_per_iter", "peak_mem_mb", "seeds_done", "seeds", "is_baseline",
+               "errors"]
+    return table.points[columns].to_csv(index=False)
+
+
+def rich_table(table: GridTable):
+    from rich.table import Table
+
+    header, rows = display_rows(table)
+    out = Table(title=table.title or None, caption=footnote(table))
+    for i, name in enumerate(header):
+        out.add_column(name, justify="left" if i < len(table.params) else "right", min_width=len(name))
+    for cells in rows:
+        out.add_row(*cells)
+    return out
+
+
+def write_results(grid_dir: Path, table: GridTable) -> list[Path]:
+    """Write results.csv / .md / .tex and one plot per metric into the grid folder; returns the paths."""
+    from experiments.plots import plot_metric
+
+    grid_dir = Path(grid_dir)
+    paths = [grid_dir / "results.csv", grid_dir / "results.md", grid_dir / "results.tex"]
+    for path, text in zip(paths, (to_csv(table), to_markdown(table), to_latex(table))):
+        atomic_write_text(path, text)
+    for metric in table.metrics:
+        paths.append(plot_metric(table, metric, grid_dir / f"plot_{metric}.png"))
+    return paths
+
+
+def render(table: GridTable, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return {"md": to_markdown, "latex": to_latex, "csv": to_csv}[fmt](table)
