@@ -137,6 +137,79 @@ def predict(
 
 
 @app.command()
+@user_errors
+def ablate(
+    params: List[str] = typer.Option([], "--param", help="Parameter: lambda1, lambda2, num_convs, aux_heads, num_queries, epochs, lr or a dotted config key. Repeat for a product grid."),
+    values: List[str] = typer.Option([], "--values", help="Comma-separated values of the preceding --param, e.g. 0.25,0.5,1,2 (aux_heads: atss+faster_rcnn, none)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="YAML grid spec with an explicit list of points, e.g. experiments/supp_table2_lambdas.yaml."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Base preset (default: the spec's, else co_tiny)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: the generated dataset."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per run (default 1: a short schedule)."),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Cap on iterations per epoch (default 100; 0 = full epochs)."),
+    seeds: str = typer.Option("", "--seeds", help="Seeds per point, e.g. 0,1,2 (default: the spec's, else 0)."),
+    overrides: List[str] = typer.Option([], "--set", help="Base config override KEY=VALUE, repeatable."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Grid folder (default: runs/<grid name>). Re-running resumes it."),
+    baseline: str = typer.Option("", "--baseline", help="The point deltas are measured against, e.g. lambda1=1 (default: the point equal to the base config)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (sequential), parallel, or slurm (submitit)."),
+    workers: int = typer.Option(2, "--workers", help="parallel launcher on CPU: concurrent runs (on GPUs: one run per --gpus-per-run GPUs)."),
+    gpus_per_run: int = typer.Option(1, "--gpus-per-run", help="GPUs per run; more than 1 runs it under torchrun (DDP)."),
+    slurm_partition: str = typer.Option("", "--slurm-partition"),
+    slurm_time: int = typer.Option(240, "--slurm-time", help="Slurm time limit per job in minutes (jobs requeue on timeout)."),
+    device: str = typer.Option("", "--device", help="cpu, cuda; default: cuda if available."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-run runs recorded as failed."),
+    allow_changed_base: bool = typer.Option(False, "--allow-changed-base", help="Accept a base config that differs from the grid's manifest (changed runs restart; old ones are kept aside)."),
+    metrics: str = typer.Option("AP,AP50,AP75,APs,APm,APl", "--metrics", help="Table columns."),
+) -> None:
+    """Run an ablation grid (one training + evaluation per point and seed) and print the paper-style table."""
+    from experiments.ablate import Schedule, grid_from_flags, parse_baseline, parse_seeds, run_grid
+    from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, load_spec
+    from experiments.launchers import LaunchOptions
+    from experiments.table import check_metrics, rich_table
+
+    metric_names = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
+    if grid is not None:
+        if params or values:
+            raise CodetrError("give either --grid FILE or --param/--values, not both")
+        spec, schedule_of_spec = load_spec(grid)
+    else:
+        if not params or len(params) != len(values):
+            raise CodetrError(f"expected one --values per --param (got {len(params)} --param, {len(values)} --values), "
+                              "e.g. --param lambda1 --values 0.25,0.5,1,2")
+        spec, schedule_of_spec = grid_from_flags(list(zip(params, values))), {}
+    spec.preset = preset or spec.preset
+    spec.overrides = spec.overrides + list(overrides)
+    spec.seeds = parse_seeds(seeds) if seeds else spec.seeds
+    spec.baseline = parse_baseline(baseline) if baseline else spec.baseline
+    schedule = Schedule(epochs=epochs if epochs is not None else schedule_of_spec.get("epochs", DEFAULT_EPOCHS),
+                        max_iters=max_iters if max_iters is not None else schedule_of_spec.get("max_iters", DEFAULT_MAX_ITERS))
+    options = LaunchOptions(launcher=launcher, workers=workers, gpus_per_run=gpus_per_run, device=device,
+                            slurm_partition=slurm_partition, slurm_time_min=slurm_time)
+    grid_dir = out if out is not None else Path("runs") / spec.name
+    table = run_grid(spec, grid_dir, schedule, data, options, retry_failed=retry_failed,
+                     allow_changed_base=allow_changed_base, metrics=metric_names, log=console.print)
+    Console().print(rich_table(table))
+    console.print(f"wrote {grid_dir}/results.csv, results.md, results.tex and plot_<metric>.png")
+
+
+@app.command()
+@user_errors
+def table(
+    grid_dir: Path = typer.Argument(..., help="A grid folder written by `codetr ablate`."),
+    fmt: str = typer.Option("", "--format", help="Print as md, latex or csv instead of a terminal table."),
+    metrics: str = typer.Option("AP,AP50,AP75,APs,APm,APl", "--metrics", help="Columns, e.g. AP,AP50,APs."),
+) -> None:
+    """Tabulate a grid (also rewrites its results.csv/.md/.tex and plots)."""
+    from experiments.table import check_metrics, load_table, render, rich_table, write_results
+
+    result = load_table(grid_dir, check_metrics([m.strip() for m in metrics.split(",") if m.strip()]))
+    write_results(grid_dir, result)
+    if fmt:
+        typer.echo(render(result, fmt), nl=False)
+    else:
+        Console().print(rich_table(result))
+
+
+@app.command()
 def presets() -> None:
     """List the config presets."""
     from codetr.config import PRESETS
@@ -161,6 +234,51 @@ def show_config(
         for part in key.split("."):
             value = getattr(value, part)
         typer.echo(f"{key} = {value}")
+
+
+@app.command("conflicts")
+@user_errors
+def conflicts_command(
+    ckpt: List[Path] = typer.Option(..., "--ckpt", help="Co-DETR checkpoint; repeat to compare several (side-by-side heatmap)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (one subfolder per checkpoint when several)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: the checkpoint's data."),
+    split: str = typer.Option("val", "--split", help="train or val (always with the test transforms)."),
+    num_images: int = typer.Option(32, "--num-images", help="Images used: the first ones of the split that have boxes."),
+    target: str = typer.Option("loss", "--target", help="Per head: loss (its training loss vs. the ground truth) or score (its top-100 class scores)."),
+    posq: bool = typer.Option(False, "--posq", help="Also each head's positive-query branch (posq.<head>)."),
+    overlays: int = typer.Option(4, "--overlays", help="CAM overlay PNGs for the first N images."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the auxiliary branches' sampling (image n uses seed + n)."),
+    device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights even if EMA weights exist."),
+) -> None:
+    """Head conflicts (Co-DETR Figs. 1-2): each head's Grad-CAM on the encoder output, S_ij = mean KL, S_i.
+
+    Writes conflicts.csv, conflicts.json (per-image values), conflicts_heatmap.png and overlays/*.png.
+    A checkpoint without auxiliary heads is an error.
+    """
+    from analysis.conflict_plots import plot_conflict_matrices, save_figure
+    from analysis.conflicts import ConflictOptions, analyze_checkpoint, conflict_table, unique_labels, write_conflicts
+    from analysis.gradcam import CamOptions
+    from codetr.engine.distributed import init_distributed
+    from codetr.errors import CheckpointError, ConfigError
+
+    if overlays < 0:
+        raise ConfigError(f"--overlays must be >= 0, got {overlays}")
+    missing = [str(path) for path in ckpt if not path.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint not found: {', '.join(missing)}")
+    options = ConflictOptions(CamOptions(target=target, include_posq=posq), num_images=num_images, split=split, seed=seed)
+    run_device = init_distributed(device).device
+    labels = unique_labels(ckpt)
+    results = []
+    for path, label in zip(ckpt, labels):
+        result = analyze_checkpoint(path, run_device, data, options, keep_examples=overlays, use_ema=not no_ema, label=label)
+        write_conflicts(result, out / label.replace("/", "_") if len(ckpt) > 1 else out)
+        Console().print(conflict_table(result))
+        results.append(result)
+    if len(ckpt) > 1:
+        save_figure(plot_conflict_matrices(results), out / "conflicts_heatmap.png")
+    console.print(f"wrote conflicts.csv, conflicts.json, conflicts_heatmap.png and overlays/ to {out}")
 
 
 @data_app.command("synth")
