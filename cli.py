@@ -186,9 +186,15 @@ def ablate(
                             slurm_partition=slurm_partition, slurm_time_min=slurm_time)
     grid_dir = out if out is not None else Path("runs") / spec.name
     table = run_grid(spec, grid_dir, schedule, data, options, retry_failed=retry_failed,
-                     allow_changed_base=allow_changed_base, metrics=metric_names, log=console.print)
+                     allow_changed_base=allow_changed_base, metrics=metric_names,
+                     log=lambda text: console.print(text, soft_wrap=True, highlight=False))
     Console().print(rich_table(table))
-    console.print(f"wrote {grid_dir}/results.csv, results.md, results.tex and plot_<metric>.png")
+    console.print(f"wrote {grid_dir}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
+    failed = int(table.points["seeds_failed"].sum())
+    if failed:
+        console.print(f"[bold red]error:[/] {failed} run(s) failed (see the table and each run's run.log); "
+                      "fix the cause and re-run with --retry-failed", highlight=False)
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -294,6 +300,124 @@ def data_synth(
 
     path = generate_synthetic_coco(out, num_train=num_train, num_val=num_val, seed=seed)
     console.print(f"wrote {num_train} train + {num_val} val images to {path}")
+
+
+@app.command("iof-iob")
+@user_errors
+def iof_iob_command(
+    ckpt: List[Path] = typer.Option(..., "--ckpt", help="Checkpoint; repeat to compare several (one curve each)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: iof_iob.png, curves.csv, auc.csv, iof_iob.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: each checkpoint's data."),
+    num_images: int = typer.Option(64, "--num-images", help="The first N validation images."),
+    aggregate: str = typer.Option("pooled", "--aggregate", help="Plotted and printed: pooled (pixels summed over images) or per-image (mean of per-image curves). The CSVs hold both."),
+    variants: List[str] = typer.Option(["encoder", "decoder"], "--variant", help="encoder (the paper's feature discriminability) and/or decoder (the last layer's attention)."),
+    top_queries: int = typer.Option(10, "--top-queries", help="Decoder variant: the best-scoring queries per image, weighted by score."),
+    thresholds: int = typer.Option(101, "--thresholds", help="Points reported per curve (the AUC always uses 100k thresholds)."),
+    spacing: str = typer.Option("quantile", "--spacing", help="Reported thresholds: quantile (spread along the curve) or uniform (S evenly over [0, 1])."),
+    device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
+) -> None:
+    """IoF-IoB curves (Co-DETR's feature discriminability): how well the encoder features, and the decoder's
+    attention, separate the ground-truth boxes from the background; with the area under each curve."""
+    from rich.table import Table
+
+    from analysis.iof_iob import AGGREGATES, run_iof_iob, write_iof_iob
+    from codetr.engine.distributed import init_distributed
+    from codetr.errors import ConfigError
+
+    aggregate = aggregate.replace("-", "_")
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"--aggregate {aggregate!r}: expected pooled or per-image")
+    results = run_iof_iob(ckpt, data, num_images, init_distributed(device).device, variants, top_queries, thresholds,
+                          spacing)
+    paths = write_iof_iob(out, results, aggregate)
+    table = Table(title=f"IoF-IoB area under the curve ({results[0].num_images} images; 0.5 = chance)")
+    for name in ("checkpoint", "variant", "AUC pooled", "AUC per-image", "images"):
+        table.add_column(name, justify="left" if name in ("checkpoint", "variant") else "right")
+    for r in results:
+        table.add_row(r.checkpoint, r.variant, f"{r.curves['pooled'].auc:.4f}", f"{r.curves['per_image'].auc:.4f}",
+                      str(r.num_images))
+    Console().print(table)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True, highlight=False)
+
+
+@app.command("positives")
+@user_errors
+def positives_command(
+    preset: Optional[str] = typer.Option(None, "--preset", help="Preset with auxiliary heads, e.g. co_tiny (with --ckpt it must be the checkpoint's)."),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="Trained checkpoint. Without one the model is freshly initialised, and Faster-RCNN / PAA counts reflect untrained proposals."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: the config's data."),
+    num_images: int = typer.Option(64, "--num-images", help="The first N validation images."),
+    overrides: List[str] = typer.Option([], "--set", help="Config override KEY=VALUE (with --ckpt: data.* keys only)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds Faster-RCNN's RoI sampling (which RoIs, not how many)."),
+    device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write positives.csv and positives.json here."),
+) -> None:
+    """Positive samples per ground-truth box of each auxiliary head's one-to-many assignment (before the
+    300-query cap), as sum(pos)/sum(gt) and as the mean of per-image ratios."""
+    from rich.table import Table
+
+    from analysis.positives import run_positives, write_positives
+    from codetr.engine.distributed import init_distributed
+
+    report = run_positives(preset, ckpt, data, num_images, overrides, init_distributed(device).device, seed)
+    table = Table(title=f"positives per GT box: {report.source}, {report.num_images} val images")
+    for name in ("head", "images", "GTs", "positives", "pos/GT", "mean/image", "paper COCO"):
+        table.add_column(name, justify="left" if name == "head" else "right", no_wrap=True)
+    for row in report.heads:
+        table.add_row(row.head + (" *" if row.depends_on_weights and not report.trained else ""), str(row.images),
+                      str(row.gts), str(row.positives), f"{row.ratio:.2f}", f"{row.mean_image_ratio:.2f}",
+                      "-" if row.paper_coco is None else f"{row.paper_coco:.1f}")
+    Console().print(table)
+    if not report.trained and any(row.depends_on_weights for row in report.heads):
+        console.print("* assigns from the model's predictions, here untrained (give --ckpt for a trained model)")
+    if out is not None:
+        paths = write_positives(out, report)
+        console.print(f"wrote {paths['csv']} and {paths['json']}", soft_wrap=True, highlight=False)
+
+
+@app.command("profile")
+@user_errors
+def profile_command(
+    preset: List[str] = typer.Option(..., "--preset", help="Preset to profile; repeat for one row each (e.g. --preset tiny --preset co_tiny)."),
+    overrides: List[str] = typer.Option([], "--set", help="Config override KEY=VALUE applied to every preset."),
+    iters: int = typer.Option(5, "--iters", help="Timed training iterations (the median is reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed iterations first."),
+    size: Optional[str] = typer.Option(None, "--size", help="Input HxW; default: the first preset's data.test_size, square."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Images per iteration; default: the first preset's data.batch_size."),
+    num_classes: int = typer.Option(80, "--num-classes"),
+    device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
+    in_process: bool = typer.Option(False, "--in-process", help="Measure every config in this process (on CPU the peak memory then only grows)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write profile.csv and profile.json here."),
+) -> None:
+    """Training cost per config, like the paper's cost table: s/iter (median), x baseline, peak memory."""
+    from rich.table import Table
+
+    from analysis.profile import parse_size, profile_configs, write_profile
+    from codetr.engine.distributed import init_distributed
+    from codetr.errors import ConfigError
+
+    repeated = sorted({name for name in preset if preset.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--preset {repeated[0]} is given twice")
+    configs = [(name, resolve_config(name, overrides, None, None)) for name in preset]
+    first = configs[0][1]
+    size_hw = parse_size(size if size is not None else f"{first.data.test_size}x{first.data.test_size}")
+    batch_size = batch if batch is not None else first.data.batch_size
+    run_device = init_distributed(device).device
+    rows = profile_configs(configs, size_hw, batch_size, iters, warmup, run_device, num_classes,
+                           isolate=not in_process)
+    memory = "CUDA max allocated" if run_device.type == "cuda" else "process peak RSS"
+    table = Table(title=f"training iteration: {size_hw[0]}x{size_hw[1]} x {batch_size} images on {run_device}, "
+                        f"median of {iters}; peak MB = {memory}")
+    for name in ("config", "K", "heads", "s/iter", "x baseline", "peak MB", "params M"):
+        table.add_column(name, justify="left" if name in ("config", "heads") else "right", no_wrap=name != "heads")
+    for row in rows:
+        table.add_row(row.config, str(row.k), row.heads, f"{row.seconds_per_iter:.3f}", f"{row.x_baseline:.2f}",
+                      f"{row.peak_mb:.0f}", f"{row.params_m:.1f}")
+    Console().print(table)
+    if out is not None:
+        paths = write_profile(out, rows)
+        console.print(f"wrote {paths['csv']} and {paths['json']}", soft_wrap=True, highlight=False)
 
 
 def print_metrics(metrics: dict[str, float]) -> None:

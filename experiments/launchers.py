@@ -234,7 +234,7 @@ class GridProgress:
         self.progress.__exit__(*exc)
 
     def note(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, soft_wrap=True, highlight=False)
 
     def start_run(self, run: RunRecord) -> None:
         self.run_tasks[run.directory] = self.progress.add_task(f"  {run.name}", total=None)
@@ -246,7 +246,7 @@ class GridProgress:
             self.progress.remove_task(task)
         status = read_status(run.directory)
         outcome = {DONE: "[green]done[/]", FAILED: f"[red]failed[/]: {status.get('error')}"}.get(status["state"], status["state"])
-        self.progress.console.print(f"{run.name}: {outcome}", highlight=False)
+        self.progress.console.print(f"{run.name}: {outcome}", highlight=False, soft_wrap=True)
         self.progress.advance(self.grid_task)
 
     def refresh(self) -> None:

@@ -18,7 +18,7 @@ import pandas as pd
 from codetr.engine.evaluate import METRIC_NAMES
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_text
-from experiments.store import DONE, grid_runs
+from experiments.store import DONE, FAILED, grid_runs
 
 DEFAULT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 FORMATS = ("md", "latex", "csv")
@@ -68,7 +68,8 @@ def summarize(manifest: dict, runs: pd.DataFrame, metrics: list[str]) -> GridTab
         mine = runs[runs["label"] == label] if len(runs) else runs
         done = mine[mine["state"] == DONE] if len(mine) else mine
         row = {name: item["values"].get(name, "") for name in params}
-        row.update(label=label, paper=item.get("paper"), seeds_done=len(done), seeds=len(mine),
+        failed = int((mine["state"] == FAILED).sum()) if len(mine) else 0
+        row.update(label=label, paper=item.get("paper"), seeds_done=len(done), seeds=len(mine), seeds_failed=failed,
                    is_baseline=baseline is not None and item["values"] == baseline,
                    errors="; ".join(sorted(set(e for e in mine.get("error", pd.Series(dtype=object)).dropna()))))
         for metric in metrics:

@@ -1,0 +1,137 @@
+"""`codetr ablate` end to end on the generated data: a 2-point grid, SIGKILL and resume, a failing run,
+and the slurm launcher through submitit's local executor. Runs are tiny (4 iterations at 160 px)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments.store import grid_runs, is_locked, read_status
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--max-iters", "4", "--set", "data.train_scales=[160]", "--set", "data.max_size=200", "--set",
+         "data.test_size=160", "--set", "data.test_max_size=200", "--set", "data.batch_size=2", "--set",
+         "train.checkpoint_every=2"]
+
+
+def ablate_command(synth_root, out, *extra):
+    return [sys.executable, "-m", "cli", "ablate", "--param", "lambda1", "--values", "0.5,1", "--data", str(synth_root),
+            *SMALL, "--out", str(out), *extra]
+
+
+def final_metrics(grid_dir):
+    _, runs = grid_runs(grid_dir)
+    return {run.name: run.status()["metrics"] for run in runs}
+
+
+@pytest.fixture(scope="module")
+def reference_grid(synth_root, tmp_path_factory):
+    """The uninterrupted 2-point grid (and its CLI output)."""
+    out = tmp_path_factory.mktemp("reference") / "grid"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(ablate_command(synth_root, out), capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_two_point_grid_end_to_end(reference_grid):
+    out, result = reference_grid
+    assert "2 runs (2 points x 1 seeds); 2 to run" in result.stderr
+    assert "lambda1" in result.stdout and "ΔAP" in result.stdout and "1 *" in result.stdout  # baseline marked
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"] == ["lambda1"] and manifest["baseline"] == {"lambda1": "1"} and manifest["version"]
+    for name in ("lambda1=0.5__seed0", "lambda1=1__seed0"):
+        status = read_status(out / name)
+        assert status["state"] == "done" and status["attempts"] == 1
+        assert set(status["metrics"]) >= {"AP", "AP50", "APl"} and status["sec_per_iter"] > 0 and status["peak_mem_mb"] > 0
+        assert (out / name / "last.pt").exists() and (out / name / "metrics.json").exists()
+        run = json.loads((out / name / "run.json").read_text())
+        assert run["config"]["optim"]["epochs"] == 1 and run["config"]["train"]["max_iters_per_epoch"] == 4
+    csv = (out / "results.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[1].startswith("0.5,")
+    assert (out / "plot_AP.png").stat().st_size > 1000
+
+
+def test_sigkill_mid_run_then_rerun_resumes_with_identical_results(reference_grid, synth_root, tmp_path):
+    out = tmp_path / "grid"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    grid = subprocess.Popen(ablate_command(synth_root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    second = out / "lambda1=1__seed0"
+    deadline = time.time() + 300
+    # wait until the second run has checkpointed mid-epoch (iteration 2 of 4) and logged iteration 3
+    while time.time() < deadline:
+        log = second / "log.jsonl"
+        if log.exists() and sum('"time"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        assert grid.poll() is None, "the grid finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(grid.pid, signal.SIGKILL)
+    grid.wait()
+    while is_locked(second):  # the worker notices its parent died and exits
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert read_status(out / "lambda1=0.5__seed0")["state"] == "done"
+    assert read_status(second)["state"] == "running"  # interrupted: no process holds its lock
+    first_checkpoint_time = (out / "lambda1=0.5__seed0" / "last.pt").stat().st_mtime
+
+    rerun = subprocess.run(ablate_command(synth_root, out), capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 to run, skipping 1 done" in rerun.stderr
+    assert (out / "lambda1=0.5__seed0" / "last.pt").stat().st_mtime == first_checkpoint_time  # not re-run
+    assert read_status(out / "lambda1=0.5__seed0")["attempts"] == 1
+    assert read_status(second)["attempts"] == 2
+    # resumed, not restarted: the log has each of the 4 iterations exactly once
+    iterations = [json.loads(line)["iter"] for line in (second / "log.jsonl").read_text().splitlines() if '"time"' in line]
+    assert iterations == [0, 1, 2, 3]
+    assert final_metrics(out) == final_metrics(reference_grid[0])  # exact: resume is deterministic
+
+
+def test_failing_run_is_recorded_and_the_others_finish(synth_root, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("points:\n  - {lambda1: 1}\n  - {lambda1: 1, model.backbone.pretrained: /nonexistent/r18.pth}\n")
+    out = tmp_path / "grid"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "cli", "ablate", "--grid", str(spec), "--data", str(synth_root), *SMALL,
+               "--max-iters", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 1
+    assert "1 run(s) failed" in result.stderr and "--retry-failed" in result.stderr
+    _, runs = grid_runs(out)
+    states = {run.name: run.status() for run in runs}
+    assert states["lambda1=1__seed0"]["state"] == "done"
+    failed = states["lambda1=1__model.backbone.pretrained=_nonexistent_r18.pth__seed0"]
+    assert failed["state"] == "failed" and "/nonexistent/r18.pth" in failed["error"]
+    assert "failed at lambda1=1, model.backbone.pretrained=/nonexistent/r18.pth" in (out / "results.md").read_text()
+
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert "0 to run, skipping 1 done, 1 failed (pass --retry-failed" in again.stderr
+    retried = subprocess.run(command + ["--retry-failed"], capture_output=True, text=True, env=env, timeout=600)
+    assert "1 to run" in retried.stderr and retried.returncode == 1
+    assert grid_runs(out)[1][1].status()["attempts"] == 2
+
+
+def test_bad_grid_fails_before_anything_runs(tmp_path, cli_env):
+    out = tmp_path / "grid"
+    result = subprocess.run([sys.executable, "-m", "cli", "ablate", "--param", "lambda1", "--values", "0.5,x",
+                             "--out", str(out)], capture_output=True, text=True, env=cli_env, timeout=120)
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.strip().splitlines() == ["error: grid point lambda1=x: model.aux.lambda1='x': expected a number"]
+
+
+def test_slurm_launcher_through_submitit_local_executor(synth_root, tmp_path, monkeypatch):
+    from experiments.ablate import Schedule, grid_from_flags, run_grid
+    from experiments.launchers import LaunchOptions
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = grid_from_flags([("lambda1", "0.5")], overrides=[a for a in SMALL[3::2]])
+    table = run_grid(spec, tmp_path / "grid", Schedule(max_iters=2), synth_root,
+                     LaunchOptions(launcher="slurm", poll_s=0.2), show_progress=False, log=lambda text: None)
+    status = read_status(tmp_path / "grid" / "lambda1=0.5__seed0")
+    assert status["state"] == "done", status
+    assert table.points["seeds_done"].tolist() == [1]
+    assert list((tmp_path / "grid" / "slurm").glob("*/*_log.out"))  # submitit's job folder
