@@ -80,6 +80,7 @@ def process_slots(options: LaunchOptions) -> list[dict[str, str]]:
     if options.launcher == "local":
         return [{}]
     on_gpu = torch.cuda.is_available() and not options.device.startswith("cpu")
+    # on the CPU, --gpus-per-run N means N gloo processes per run (useful to test the DDP path)
     if on_gpu:
         count = torch.cuda.device_count()
         if options.gpus_per_run > count:
@@ -89,7 +90,7 @@ def process_slots(options: LaunchOptions) -> list[dict[str, str]]:
                 for s in range(count // per)]
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: expected at least 1")
-    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    threads = max(1, (os.cpu_count() or 1) // (options.workers * options.gpus_per_run))
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(options.workers)]
 
 

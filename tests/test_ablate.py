@@ -135,3 +135,30 @@ def test_slurm_launcher_through_submitit_local_executor(synth_root, tmp_path, mo
     assert status["state"] == "done", status
     assert table.points["seeds_done"].tolist() == [1]
     assert list((tmp_path / "grid" / "slurm").glob("*/*_log.out"))  # submitit's job folder
+
+
+def test_parallel_launcher_runs_points_concurrently(synth_root, tmp_path):
+    from experiments.ablate import Schedule, grid_from_flags, run_grid
+    from experiments.launchers import LaunchOptions
+
+    spec = grid_from_flags([("lambda1", "0.5,2")], overrides=[a for a in SMALL[3::2]])
+    table = run_grid(spec, tmp_path / "grid", Schedule(max_iters=2), synth_root,
+                     LaunchOptions(launcher="parallel", workers=2, device="cpu", poll_s=0.2), show_progress=False,
+                     log=lambda text: None)
+    assert table.points["seeds_done"].tolist() == [1, 1]
+    first, second = (read_status(tmp_path / "grid" / f"lambda1={v}__seed0") for v in ("0.5", "2"))
+    assert first["started"] < second["finished"] and second["started"] < first["finished"]  # overlapping
+
+
+def test_run_with_two_processes_goes_through_torchrun(synth_root, tmp_path):
+    """`--gpus-per-run 2` with `--device cpu`: torchrun starts 2 gloo processes; each rank sees half the
+    16 training images, so a full epoch at batch 2 is 4 iterations instead of 8."""
+    from experiments.ablate import Schedule, grid_from_flags, run_grid
+    from experiments.launchers import LaunchOptions
+
+    spec = grid_from_flags([("lambda1", "1")], overrides=[a for a in SMALL[3::2]])
+    run_grid(spec, tmp_path / "grid", Schedule(max_iters=0), synth_root,
+             LaunchOptions(gpus_per_run=2, device="cpu", poll_s=0.2), show_progress=False, log=lambda text: None)
+    status = read_status(tmp_path / "grid" / "lambda1=1__seed0")
+    assert status["state"] == "done", status
+    assert status["iters_per_epoch"] == 4
