@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,24 +22,7 @@ from codetr.engine.memory import peak_memory_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def synthetic_batch(batch: int, height: int, width: int, num_classes: int, device: torch.device, seed: int = 0):
-    """Random images and 5 random boxes per image (cxcywh normalised)."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, height, width, generator=generator)
-    masks = torch.zeros(batch, height, width, dtype=torch.bool)
-    targets = []
-    for _ in range(batch):
-        centres = torch.rand(5, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(5, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"boxes": torch.cat((centres, sizes), 1).to(device),
-                        "labels": torch.randint(num_classes, (5,), generator=generator).to(device)})
-    return images.to(device), masks.to(device), targets
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from analysis.profile import synthetic_batch, time_iterations  # noqa: E402
 
 
 def measure_ours(args, mode: str) -> dict:
@@ -106,17 +88,7 @@ def measure_hf(args, mode: str) -> dict:
 
 
 def time_steps(step, device: torch.device, args) -> dict:
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = time_iterations(step, device, args.iters, args.warmup)
     median = sorted(times)[len(times) // 2]
     return {"seconds": median, "per_image": median / args.batch, "images_per_s": args.batch / median,
             "peak_mb": peak_memory_mb(device)}

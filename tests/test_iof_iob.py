@@ -1,0 +1,160 @@
+"""IoF-IoB analysis: the maps, the counts and the AUC against hand-computed values, and `codetr iof-iob`."""
+import csv
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from analysis.iof_iob import (
+    CrossAttentionRecorder,
+    CurveAccumulator,
+    attention_density,
+    bilinear_splat,
+    curve_auc,
+    encoder_discriminability,
+    foreground_mask,
+    iof_iob,
+)
+from codetr.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from tests.test_cli import assert_one_line_error, codetr
+
+
+def test_foreground_mask_uses_pixel_centres():
+    # box x in [1, 3), y in [0, 1.6): pixel centres x = 1.5, 2.5 and y = 0.5, 1.5 are inside
+    mask = foreground_mask(torch.tensor([[1.0, 0.0, 3.0, 1.6]]), height=3, width=4)
+    expected = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    assert not foreground_mask(torch.zeros(0, 4), 2, 2).any()
+
+
+def test_iof_iob_hand_computed():
+    score = torch.tensor([[0.9, 0.2, 0.6], [0.4, 0.8, 0.1]])
+    fg = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)  # fg values 0.9, 0.6, 0.8; bg 0.2, 0.4, 0.1
+    thresholds = torch.tensor([0.0, 0.3, 0.4, 0.6, 0.7, 0.85, 1.0])
+    iof, iob = iof_iob(score, fg, thresholds)
+    # strictly above: at S = 0.6 the fg value 0.6 is not counted, at S = 0.4 the bg value 0.4 is not
+    expected_iof = torch.tensor([3, 3, 3, 2, 2, 1, 0], dtype=torch.float64) / 3
+    expected_iob = torch.tensor([3, 1, 0, 0, 0, 0, 0], dtype=torch.float64) / 3
+    torch.testing.assert_close(iof, expected_iof, rtol=0, atol=1e-12)
+    torch.testing.assert_close(iob, expected_iob, rtol=0, atol=1e-12)
+
+
+def test_curve_auc_of_hand_made_curves():
+    assert math.isclose(curve_auc([0.25, 0.5, 0.75], [0.25, 0.5, 0.75]), 0.5, abs_tol=1e-12)  # chance
+    assert math.isclose(curve_auc([0.0], [1.0]), 1.0, abs_tol=1e-12)  # perfect separation
+    # one point (0.5, 0.75), given unsorted with the closing points: 0.5 * 0.75 / 2 + 0.5 * 1.75 / 2
+    assert math.isclose(curve_auc([1.0, 0.5, 0.0], [1.0, 0.75, 0.0]), 0.625, abs_tol=1e-12)
+
+
+def test_accumulator_counts_are_exact_and_auc_is_the_pairwise_probability():
+    generator = torch.Generator().manual_seed(0)
+    bins = 1000
+    images = []
+    for height, width in ((5, 7), (6, 4)):
+        # values (k + 0.5) / bins: ties between pixels, but never on a threshold k / bins
+        score = (torch.randint(0, bins, (height, width), generator=generator).double() + 0.5) / bins
+        images.append((score, torch.rand(height, width, generator=generator) < 0.4))
+    acc = CurveAccumulator(bins)
+    for score, fg in images:
+        acc.add(score, fg)
+    thresholds = acc.thresholds
+    # per image: the mean of each image's exact curve
+    per_image = [iof_iob(score, fg, thresholds) for score, fg in images]
+    iof, iob = acc.curve("per_image")
+    torch.testing.assert_close(iof, (per_image[0][0] + per_image[1][0]) / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(iob, (per_image[0][1] + per_image[1][1]) / 2, rtol=0, atol=1e-12)
+    # pooled: all pixels as one image; its AUC = P(fg value > bg value) + P(tie) / 2 (brute force over pairs)
+    all_scores = torch.cat([s.flatten() for s, _ in images])
+    all_fg = torch.cat([f.flatten() for _, f in images])
+    iof, iob = acc.curve("pooled")
+    exact = iof_iob(all_scores, all_fg, thresholds)
+    torch.testing.assert_close(iof, exact[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(iob, exact[1], rtol=0, atol=1e-12)
+    fg_values, bg_values = all_scores[all_fg], all_scores[~all_fg]
+    pairs = fg_values[:, None] - bg_values[None, :]
+    probability = ((pairs > 0).double().mean() + 0.5 * (pairs == 0).double().mean()).item()
+    assert math.isclose(curve_auc(iob, iof), probability, abs_tol=1e-9)
+
+
+def test_encoder_discriminability_on_a_hand_made_memory():
+    # levels: 2x2 and 1x1, C = 2; token norms 5, 0, 2, 10 | 1
+    memory = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [0.0, 2.0], [6.0, 8.0], [1.0, 0.0]]])
+    shapes = torch.tensor([[2, 2], [1, 1]])
+    no_padding = torch.zeros(1, 5, dtype=torch.bool)
+    (d,) = encoder_discriminability(memory, shapes, no_padding, torch.tensor([[2, 2]]))
+    # level 0 divided by its max 10 (a 2x2 -> 2x2 resize is the identity), level 1 is 1 everywhere
+    torch.testing.assert_close(d, torch.tensor([[0.75, 0.5], [0.6, 1.0]]), rtol=0, atol=1e-6)
+
+    # the right column of level 0 is padding (its value 100 must not be the max): valid image 2x1
+    memory[0, 1] = memory[0, 3] = torch.tensor([60.0, 80.0])
+    padding = torch.tensor([[False, True, False, True, False]])
+    (d,) = encoder_discriminability(memory, shapes, padding, torch.tensor([[2, 1]]))
+    torch.testing.assert_close(d, torch.tensor([[1.0], [0.7]]), rtol=0, atol=1e-6)  # ([5, 2] / 5 + 1) / 2
+
+
+def test_bilinear_splat_is_the_gradient_of_grid_sample():
+    generator = torch.Generator().manual_seed(1)
+    locations = torch.rand(12, 2, generator=generator) * 1.2 - 0.1  # some corners fall outside the map
+    weights = torch.rand(12, generator=generator)
+    height, width = 3, 5
+    value = torch.zeros(1, 1, height, width, requires_grad=True)
+    sampled = F.grid_sample(value, (2 * locations - 1)[None, None], mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # [1, 1, 1, 12]
+    (sampled[0, 0, 0] * weights).sum().backward()
+    torch.testing.assert_close(bilinear_splat(locations, weights, height, width), value.grad[0, 0], rtol=0, atol=1e-6)
+    # a point on a cell centre puts all its weight on that cell
+    centre = torch.tensor([[(2 + 0.5) / width, (1 + 0.5) / height]])
+    expected = torch.zeros(height, width)
+    expected[1, 2] = 0.7
+    torch.testing.assert_close(bilinear_splat(centre, torch.tensor([0.7]), height, width), expected, rtol=0, atol=1e-6)
+
+
+def test_attention_density_hand_made():
+    # image 2x2: level 0 (2x2, cells of 1 px) has mass 2 on its top-left cell; level 1 (1x1, 4 px) mass 4
+    mass = torch.tensor([2.0, 0.0, 0.0, 0.0, 4.0])
+    density = attention_density(mass, torch.tensor([[2, 2], [1, 1]]), torch.zeros(5, dtype=torch.bool), (2, 2))
+    torch.testing.assert_close(density, torch.tensor([[1.0, 1 / 3], [1 / 3, 1 / 3]]), rtol=0, atol=1e-6)  # [[3,1],[1,1]]/3
+
+
+def test_recorded_locations_and_weights_reproduce_the_cross_attention():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(embed_dim=16, num_heads=2, num_levels=2, num_points=3)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(attn.attention_weights.weight, std=0.1)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    query, value = torch.randn(2, 7, 16), torch.randn(2, 26, 16)
+    reference = torch.rand(2, 7, 2, 4) * 0.5 + 0.25  # cxcywh boxes
+    with CrossAttentionRecorder(attn) as recorder:
+        out = attn(query, reference, value, shapes)
+    assert recorder.locations.shape == (2, 7, 2, 2, 3, 2) and recorder.weights.shape == (2, 7, 2, 2, 3)
+    projected = attn.value_proj(value).view(2, 26, 2, 8)
+    again = attn.output_proj(multi_scale_deformable_attention(projected, shapes, recorder.locations, recorder.weights))
+    torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_ckpt, synth_root, cli_env, tmp_path):
+    out = tmp_path / "iof"
+    result = codetr("iof-iob", "--ckpt", tiny_ckpt, "--ckpt", co_tiny_ckpt, "--data", synth_root, "--num-images", "4",
+                    "--thresholds", "21", "--out", out, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "AUC pooled" in result.stdout
+    with open(out / "auc.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2  # checkpoints x variants x aggregations
+    assert all(0.0 <= float(row["auc"]) <= 1.0 and row["images"] == "4" for row in rows)
+    assert {row["checkpoint"] for row in rows} == {f"{p.parent.name}/last.pt" for p in (tiny_ckpt, co_tiny_ckpt)}
+    results = json.loads((out / "iof_iob.json").read_text())["results"]
+    for r in results:  # reported thresholds include S = 0 and S = 1; IoF and IoB fall as S rises
+        curve = r["curves"]["pooled"]
+        assert r["thresholds"][0] == 0.0 and r["thresholds"][-1] == 1.0 and len(r["thresholds"]) <= 23
+        assert all(a >= b for a, b in zip(curve["iof"], curve["iof"][1:]))
+        assert curve["iof"][-1] == 0.0 and curve["iob"][-1] == 0.0
+    with Image.open(out / "iof_iob.png") as png:
+        assert png.size[0] > png.size[1] > 100
+
+
+def test_cli_iof_iob_bad_input(cli_env, tmp_path):
+    result = codetr("iof-iob", "--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "o", env=cli_env)
+    assert_one_line_error(result, "checkpoint not found", "missing.pt")
