@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from codetr.errors import CodetrError
 
@@ -39,7 +40,8 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except CodetrError as error:
-            console.print(f"[bold red]error:[/] {one_line(error)}", highlight=False, soft_wrap=True)
+            # escape: a message quoting a value such as heads=[atss,fcos] must not be read as rich markup
+            console.print(f"[bold red]error:[/] {escape(one_line(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

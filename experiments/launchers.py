@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codetr.errors import ConfigError
@@ -246,7 +247,7 @@ class GridProgress:
         if task is not None:
             self.progress.remove_task(task)
         status = read_status(run.directory)
-        outcome = {DONE: "[green]done[/]", FAILED: f"[red]failed[/]: {status.get('error')}"}.get(status["state"], status["state"])
+        outcome = {DONE: "[green]done[/]", FAILED: f"[red]failed[/]: {escape(str(status.get('error')))}"}.get(status["state"], status["state"])
         self.progress.console.print(f"{run.name}: {outcome}", highlight=False, soft_wrap=True)
         self.progress.advance(self.grid_task)
 

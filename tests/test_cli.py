@@ -75,6 +75,8 @@ def test_data_synth_writes_coco_layout(tmp_path, cli_env):
         (["train", "--set", "optim.lr=fast", "--out", "X"], ["optim.lr", "expected a number"]),
         (["train", "--data", "/no/such/coco", "--out", "X"], ["/no/such/coco"]),
         (["eval", "--ckpt", "/no/such.pt"], ["checkpoint not found", "/no/such.pt"]),
+        # brackets in a message are text, not rich markup
+        (["train", "--set", "model.aux.heads=[atss,yolo]", "--out", "X"], ["model.aux.heads=['atss', 'yolo']: expected"]),
     ],
 )
 def test_bad_arguments(args, fragments, cli_env, tmp_path):
