@@ -264,9 +264,11 @@ def conflicts_command(
     Writes conflicts.csv, conflicts.json (per-image values), conflicts_heatmap.png and overlays/*.png.
     A checkpoint without auxiliary heads is an error.
     """
-    from analysis.conflict_plots import plot_conflict_matrices, save_figure
-    from analysis.conflicts import ConflictOptions, analyze_checkpoint, conflict_table, unique_labels, write_conflicts
+    from analysis.conflict_plots import plot_conflict_matrices
+    from analysis.conflicts import ConflictOptions, analyze_checkpoint, conflict_table, write_conflicts
+    from analysis.figures import save_figure
     from analysis.gradcam import CamOptions
+    from analysis.labels import checkpoint_labels
     from codetr.engine.distributed import init_distributed
     from codetr.errors import CheckpointError, ConfigError
 
@@ -277,7 +279,7 @@ def conflicts_command(
         raise CheckpointError(f"checkpoint not found: {', '.join(missing)}")
     options = ConflictOptions(CamOptions(target=target, include_posq=posq), num_images=num_images, split=split, seed=seed)
     run_device = init_distributed(device).device
-    labels = unique_labels(ckpt)
+    labels = checkpoint_labels(ckpt)
     results = []
     for path, label in zip(ckpt, labels):
         result = analyze_checkpoint(path, run_device, data, options, keep_examples=overlays, use_ema=not no_ema, label=label)

@@ -1,19 +1,15 @@
 """Figures of the head conflict analysis: annotated S_ij heatmaps and per-image CAM overlays.
 
-Figures are built with matplotlib's object API (`Figure`, no pyplot state, no display backend needed)
-and written atomically as PNG.
+Figures are built with matplotlib's object API (`Figure`, no pyplot state, no display backend needed);
+analysis.figures.save_figure writes them atomically as PNG.
 """
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-
-from codetr.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from analysis.conflicts import CamExample, ConflictResult
@@ -69,9 +65,3 @@ def plot_cam_overlay(example: CamExample, heads: list[str]) -> Figure:
     figure.suptitle(f"image {example.image_id}: Grad-CAM on the encoder output", fontsize=10)
     return figure
 
-
-def save_figure(figure: Figure, path: str | Path, dpi: int = 110) -> None:
-    """Write `figure` as a PNG, atomically."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -21,6 +21,7 @@ import csv
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,6 +29,7 @@ from rich.table import Table
 from torch import Tensor
 
 from analysis.gradcam import CamOptions, EncoderOutputCam, ImageCams
+from analysis.labels import checkpoint_labels
 from codetr.box_ops import box_cxcywh_to_xyxy
 from codetr.data.coco import CocoDetection
 from codetr.data.collate import collate
@@ -36,6 +38,9 @@ from codetr.errors import CheckpointError, ConfigError, DataError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion
 from codetr.models.detector import DeformableDETR
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KL_REDUCTIONS = ("sum", "mean")
 
@@ -159,6 +164,14 @@ class ConflictResult:
             ],
         }
 
+    def to_frame(self) -> pd.DataFrame:
+        """S_ij as a DataFrame (rows i = KL from, named "i \\ j"; columns j = KL to) with S_i as the last column."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.matrix.numpy(), index=pd.Index(self.heads, name="i \\ j"), columns=self.heads)
+        frame["S_i"] = self.average.numpy()
+        return frame
+
     def to_csv(self) -> str:
         """The matrix with a header row of head names (rows i = KL from, columns j = KL to) and S_i last."""
         buffer = io.StringIO()
@@ -250,25 +263,14 @@ def analyze_checkpoint(
                         f"{detector.cat_ids}")
     criterion = build_criterion(detector.model, detector.cfg.model)
     return head_conflicts(detector.model, criterion, dataset, options, keep_examples, progress,
-                          checkpoint=str(ckpt), label=label or checkpoint_label(Path(ckpt)))
-
-
-def checkpoint_label(ckpt: Path) -> str:
-    """A short name for a checkpoint: its run folder and file stem ("co_tiny/last")."""
-    return f"{ckpt.parent.name}/{ckpt.stem}" if ckpt.parent.name else ckpt.stem
-
-
-def unique_labels(ckpts: list[Path]) -> list[str]:
-    """`checkpoint_label` of each checkpoint, with "-2", "-3", ... appended to repeated labels."""
-    bases = [checkpoint_label(Path(ckpt)) for ckpt in ckpts]
-    return [base if bases[:index].count(base) == 0 else f"{base}-{bases[:index].count(base) + 1}"
-            for index, base in enumerate(bases)]
+                          checkpoint=str(ckpt), label=label or checkpoint_labels([ckpt])[0])
 
 
 def write_conflicts(result: ConflictResult, out_dir: str | Path, overlays: int | None = None) -> list[Path]:
     """Write conflicts.csv, conflicts.json (with per-image values), conflicts_heatmap.png and
     overlays/image_<id>.png (the first `overlays` kept examples, all of them if None). Returns the paths."""
-    from analysis.conflict_plots import plot_cam_overlay, plot_conflict_matrices, save_figure
+    from analysis.conflict_plots import plot_cam_overlay, plot_conflict_matrices
+    from analysis.figures import save_figure
 
     out = Path(out_dir)
     paths = [out / "conflicts.csv", out / "conflicts.json", out / "conflicts_heatmap.png"]

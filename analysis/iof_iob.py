@@ -40,6 +40,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from analysis.eval_subset import check_num_images, first_val_images, gt_boxes_xyxy_abs, image_sizes_from_masks
+from analysis.labels import checkpoint_labels
+from codetr.data.collate import Batch
 from codetr.errors import CheckpointError, ConfigError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.ms_deform_attn import MSDeformAttn, sampling_locations_from_offsets
@@ -181,6 +183,34 @@ class CrossAttentionRecorder:
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
+
+
+@torch.no_grad()
+def image_maps(model: nn.Module, batch: Batch, variants: Sequence[str] = VARIANTS,
+               top_queries: int = 10) -> dict[str, list[Tensor]]:
+    """Each variant's map D for every image of one batch: {variant: B maps [h_i, w_i] float32 in [0, 1]}.
+
+    model: a DeformableDETR (or subclass), on the batch's device (call .eval() first; float32);
+    batch: a Batch with images [B, 3, H, W] and masks [B, H, W] (True = pad). (h_i, w_i) is image i's
+    unpadded input size (image_sizes_from_masks(batch.masks)). The decoder maps use the `top_queries`
+    best-scoring queries of each image (see decoder_attention_maps). Keys follow `variants`' order.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: expected some of {list(VARIANTS)}")
+    with CrossAttentionRecorder(model.transformer.decoder.layers[-1].cross_attn) as recorder:
+        out = model(batch.images, batch.masks)
+    sizes = image_sizes_from_masks(batch.masks)
+    shapes, padding = out.feats.spatial_shapes, out.feats.padding_mask
+    maps = {}
+    for variant in variants:
+        if variant == "encoder":
+            maps[variant] = encoder_discriminability(out.memory, shapes, padding, sizes)
+        else:
+            scores = out.pred_logits.float().sigmoid().amax(-1)  # [B, Q]
+            maps[variant] = decoder_attention_maps(recorder.locations, recorder.weights, scores, top_queries,
+                                                   shapes, padding, sizes)
+    return maps
 
 
 # -- the curves ----------------------------------------------------------------------------------
@@ -336,20 +366,6 @@ class IoFIoBResult:
     images_with_fg_and_bg: int
 
 
-def checkpoint_labels(paths: Sequence[Path]) -> list[str]:
-    """Shortest unique path suffixes of at least two parts: /runs/a/last.pt -> 'a/last.pt'."""
-    resolved = [Path(p).resolve() for p in paths]
-    if len(set(resolved)) != len(resolved):
-        twice = next(str(p) for p, r in zip(paths, resolved) if resolved.count(r) > 1)
-        raise ConfigError(f"--ckpt {twice}: the same checkpoint is given twice")
-    depth = 2
-    while True:
-        labels = ["/".join(p.parts[-depth:]) for p in resolved]
-        if len(set(labels)) == len(labels) or depth >= max(len(p.parts) for p in resolved):
-            return labels
-        depth += 1
-
-
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
@@ -363,27 +379,17 @@ def accumulate_curves(model: nn.Module, loader, device: torch.device, variants: 
     variant's counts. model: a DeformableDETR (or subclass); on_batch(num_images) after each batch."""
     accumulators = {variant: CurveAccumulator(bins) for variant in variants}
     model.eval()
-    recorder = CrossAttentionRecorder(model.transformer.decoder.layers[-1].cross_attn)
-    with recorder:
-        for batch in loader:
-            batch = batch.to(device)
-            out = model(batch.images, batch.masks)
-            sizes = image_sizes_from_masks(batch.masks)
-            feats = out.feats
-            maps = {}
-            if "encoder" in accumulators:
-                maps["encoder"] = encoder_discriminability(out.memory, feats.spatial_shapes, feats.padding_mask, sizes)
-            if "decoder" in accumulators:
-                scores = out.pred_logits.float().sigmoid().amax(-1)  # [B, Q]
-                maps["decoder"] = decoder_attention_maps(recorder.locations, recorder.weights, scores, top_queries,
-                                                         feats.spatial_shapes, feats.padding_mask, sizes)
-            for image, boxes in enumerate(gt_boxes_xyxy_abs(batch.targets, sizes)):
-                height, width = sizes[image].tolist()
-                fg = foreground_mask(boxes, height, width)
-                for variant, per_image in maps.items():
-                    accumulators[variant].add(per_image[image], fg)
-            if on_batch is not None:
-                on_batch(len(batch))
+    for batch in loader:
+        batch = batch.to(device)
+        maps = image_maps(model, batch, variants, top_queries)
+        sizes = image_sizes_from_masks(batch.masks)
+        for image, boxes in enumerate(gt_boxes_xyxy_abs(batch.targets, sizes)):
+            height, width = sizes[image].tolist()
+            fg = foreground_mask(boxes, height, width)
+            for variant, per_image in maps.items():
+                accumulators[variant].add(per_image[image], fg)
+        if on_batch is not None:
+            on_batch(len(batch))
     return accumulators
 
 
@@ -449,6 +455,7 @@ def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
 def write_iof_iob(out_dir: Path, results: list[IoFIoBResult], aggregate: str = "pooled") -> dict[str, Path]:
     """Atomically write curves.csv (every threshold of every curve), auc.csv, iof_iob.json (all of it)
     and iof_iob.png (the `aggregate` curves, one per checkpoint). Returns {kind: path}."""
+    from analysis.figures import save_figure
     from analysis.iof_iob_plots import plot_iof_iob
 
     if aggregate not in AGGREGATES:
@@ -468,5 +475,5 @@ def write_iof_iob(out_dir: Path, results: list[IoFIoBResult], aggregate: str = "
     atomic_write_text(paths["auc"], _csv_text(("checkpoint", "variant", "aggregate", "auc", "images",
                                                "images_with_fg_and_bg", "path"), auc_rows))
     atomic_write_json(paths["json"], {"aggregate_plotted": aggregate, "results": [asdict(r) for r in results]})
-    plot_iof_iob(results, aggregate, paths["png"])
+    save_figure(plot_iof_iob(results, aggregate), paths["png"], dpi=120)
     return paths

@@ -1,11 +1,13 @@
-"""The IoF-IoB figure: one panel per variant (encoder features, decoder attention), one curve per checkpoint."""
+"""The IoF-IoB figure: one panel per variant (encoder features, decoder attention), one curve per checkpoint.
+
+Built with matplotlib's object API (`Figure`: no pyplot state, no backend switch, so a notebook shows it
+inline); analysis.figures.save_figure writes it as PNG.
+"""
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codetr.io import atomic_write_bytes
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from analysis.iof_iob import IoFIoBResult
@@ -13,20 +15,18 @@ if TYPE_CHECKING:
 _TITLES = {"encoder": "encoder feature discriminability", "decoder": "last decoder layer's attention"}
 
 
-def plot_iof_iob(results: list["IoFIoBResult"], aggregate: str, path: Path) -> Path:
-    """Draw IoF against IoB of `aggregate` ("pooled" / "per_image") and write a PNG atomically.
+def plot_iof_iob(results: list[IoFIoBResult], aggregate: str) -> Figure:
+    """IoF against IoB of `aggregate` ("pooled" / "per_image"), one panel per variant.
 
     The legend gives each checkpoint's AUC; the dotted diagonal is chance (a map unrelated to the boxes).
     Each curve is closed by (0, 0) and (1, 1) as its AUC is (see analysis.iof_iob.curve_auc).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    if not results:
+        raise ValueError("plot_iof_iob needs at least one result")
     variants = list(dict.fromkeys(r.variant for r in results))
-    figure, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4.6), squeeze=False)
-    for axis, variant in zip(axes[0], variants):
+    figure = Figure(figsize=(5 * len(variants), 4.6), layout="tight")
+    axes = figure.subplots(1, len(variants), squeeze=False)[0]
+    for axis, variant in zip(axes, variants):
         for r in (r for r in results if r.variant == variant):
             curve = r.curves[aggregate]
             # Closed by (0, 0) and (1, 1) as the AUC is: pixels tied at D = 0 (or 1) join in one straight step.
@@ -39,9 +39,4 @@ def plot_iof_iob(results: list["IoFIoBResult"], aggregate: str, path: Path) -> P
         axis.set_aspect("equal")
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return figure

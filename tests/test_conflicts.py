@@ -137,6 +137,10 @@ def test_conflict_matrix_on_checkpoint(co_model, tmp_path):
     assert float((result.matrix - result.matrix.T).abs().max()) > 1e-3
     torch.testing.assert_close(result.matrix, result.per_image.mean(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(result.average, average_distance(result.matrix), rtol=0, atol=1e-12)
+    frame = result.to_frame()
+    assert list(frame.columns) == [*result.heads, "S_i"] and list(frame.index) == result.heads
+    assert frame.drop(columns="S_i").to_numpy().tolist() == result.matrix.tolist()
+    assert frame["S_i"].tolist() == result.average.tolist()
     again = head_conflicts(detector.model, criterion, dataset, options, progress=False)
     assert torch.equal(result.matrix, again.matrix)
     (example,) = result.examples

@@ -3,20 +3,36 @@ import csv
 import json
 import math
 
+import matplotlib
+import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from PIL import Image
 
+from analysis.eval_subset import image_sizes_from_masks
+from analysis.figures import save_figure
 from analysis.iof_iob import (
     CrossAttentionRecorder,
+    Curve,
     CurveAccumulator,
+    IoFIoBResult,
     attention_density,
     bilinear_splat,
     curve_auc,
+    decoder_attention_maps,
     encoder_discriminability,
     foreground_mask,
+    image_maps,
     iof_iob,
 )
+from analysis.iof_iob_plots import plot_iof_iob
+from analysis.labels import checkpoint_labels
+from codetr.config import apply_overrides
+from codetr.data.collate import collate
+from codetr.data.loaders import build_dataset
+from codetr.engine.inference import load_detector
+from codetr.errors import ConfigError
 from codetr.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from tests.test_cli import assert_one_line_error, codetr
 
@@ -134,6 +150,53 @@ def test_recorded_locations_and_weights_reproduce_the_cross_attention():
     torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-5)
 
 
+def test_image_maps_match_the_building_blocks(tiny_ckpt):
+    detector = load_detector(tiny_ckpt, "cpu")
+    dataset = build_dataset(apply_overrides(detector.cfg, ["data.augment=false"]).data, "val")
+    batch = collate([dataset[0], dataset[1]])
+    maps = image_maps(detector.model, batch, ("decoder", "encoder"), top_queries=5)
+    assert list(maps) == ["decoder", "encoder"]
+    sizes = image_sizes_from_masks(batch.masks)
+    with torch.no_grad(), CrossAttentionRecorder(detector.model.transformer.decoder.layers[-1].cross_attn) as recorder:
+        out = detector.model(batch.images, batch.masks)
+    feats = out.feats
+    expected = {
+        "encoder": encoder_discriminability(out.memory, feats.spatial_shapes, feats.padding_mask, sizes),
+        "decoder": decoder_attention_maps(recorder.locations, recorder.weights, out.pred_logits.sigmoid().amax(-1), 5,
+                                          feats.spatial_shapes, feats.padding_mask, sizes),
+    }
+    for variant, per_image in maps.items():
+        assert len(per_image) == 2
+        for d, want, (height, width) in zip(per_image, expected[variant], sizes.tolist()):
+            assert d.shape == (height, width) and 0 <= float(d.min()) and float(d.max()) <= 1
+            torch.testing.assert_close(d, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown variant"):
+        image_maps(detector.model, batch, ("encoder", "backbone"))
+
+
+def test_checkpoint_labels_are_short_and_unique(tmp_path):
+    paths = [tmp_path / "x" / "a" / "last.pt", tmp_path / "y" / "a" / "last.pt", tmp_path / "b" / "epoch_001.pt"]
+    assert checkpoint_labels(paths) == ["x/a/last", "y/a/last", f"{tmp_path.name}/b/epoch_001"]
+    assert checkpoint_labels([paths[2]]) == ["b/epoch_001"]
+    same_stem = [tmp_path / "a" / "last.pt", tmp_path / "a" / "last.pth"]
+    assert checkpoint_labels(same_stem) == ["a/last.pt", "a/last.pth"]
+    with pytest.raises(ConfigError, match="given twice"):
+        checkpoint_labels([paths[0], tmp_path / "x" / "b" / ".." / "a" / "last.pt"])
+
+
+def test_plot_iof_iob_returns_a_figure_and_keeps_the_backend(tmp_path):
+    backend = matplotlib.get_backend()
+    curve = Curve(iof=[1.0, 0.5, 0.0], iob=[1.0, 0.2, 0.0], auc=0.75)
+    results = [IoFIoBResult(label, f"{label}.pt", variant, [0.0, 0.5, 1.0], {"pooled": curve, "per_image": curve}, 4, 4)
+               for label in ("a/last", "b/last") for variant in ("encoder", "decoder")]
+    figure = plot_iof_iob(results, "pooled")
+    assert isinstance(figure, Figure) and len(figure.axes) == 2
+    assert matplotlib.get_backend() == backend
+    path = save_figure(figure, tmp_path / "curves.png", dpi=120)
+    with Image.open(path) as png:
+        assert png.size == (1200, 552)
+
+
 def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_ckpt, synth_root, cli_env, tmp_path):
     out = tmp_path / "iof"
     result = codetr("iof-iob", "--ckpt", tiny_ckpt, "--ckpt", co_tiny_ckpt, "--data", synth_root, "--num-images", "4",
@@ -144,7 +207,7 @@ def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_ckpt, synth_root, cli_env, tm
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2  # checkpoints x variants x aggregations
     assert all(0.0 <= float(row["auc"]) <= 1.0 and row["images"] == "4" for row in rows)
-    assert {row["checkpoint"] for row in rows} == {f"{p.parent.name}/last.pt" for p in (tiny_ckpt, co_tiny_ckpt)}
+    assert {row["checkpoint"] for row in rows} == {f"{p.parent.name}/last" for p in (tiny_ckpt, co_tiny_ckpt)}
     results = json.loads((out / "iof_iob.json").read_text())["results"]
     for r in results:  # reported thresholds include S = 0 and S = 1; IoF and IoB fall as S rises
         curve = r["curves"]["pooled"]
