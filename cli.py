@@ -166,7 +166,7 @@ def ablate(
     from experiments.ablate import Schedule, grid_from_flags, parse_baseline, parse_seeds, run_grid
     from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, load_spec
     from experiments.launchers import LaunchOptions
-    from experiments.table import check_metrics, rich_table
+    from experiments.table import check_metrics, rich_table, table_console
 
     metric_names = check_metrics([m.strip() for m in metrics.split(",") if m.strip()])
     if grid is not None:
@@ -190,7 +190,7 @@ def ablate(
     table = run_grid(spec, grid_dir, schedule, data, options, retry_failed=retry_failed,
                      allow_changed_base=allow_changed_base, metrics=metric_names,
                      log=lambda text: console.print(text, soft_wrap=True, highlight=False))
-    Console().print(rich_table(table))
+    table_console().print(rich_table(table))
     console.print(f"wrote {grid_dir}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
     failed = int(table.points["seeds_failed"].sum())
     if failed:
@@ -207,14 +207,14 @@ def table(
     metrics: str = typer.Option("AP,AP50,AP75,APs,APm,APl", "--metrics", help="Columns, e.g. AP,AP50,APs."),
 ) -> None:
     """Tabulate a grid (also rewrites its results.csv/.md/.tex and plots)."""
-    from experiments.table import check_metrics, load_table, render, rich_table, write_results
+    from experiments.table import check_metrics, load_table, render, rich_table, table_console, write_results
 
     result = load_table(grid_dir, check_metrics([m.strip() for m in metrics.split(",") if m.strip()]))
     write_results(grid_dir, result)
     if fmt:
         typer.echo(render(result, fmt), nl=False)
     else:
-        Console().print(rich_table(result))
+        table_console().print(rich_table(result))
 
 
 @app.command()

@@ -41,6 +41,9 @@ def plot_metric(table: "GridTable", metric: str, path: Path) -> Path:
         if is_base:
             axis.scatter([positions[i]], [mean.iloc[i]], s=120, facecolors="none", edgecolors="black", zorder=3,
                          label="baseline")
+    if x is not None and min(x) > 0 and max(x) / min(x) >= 8:
+        axis.set_xscale("log", base=2)  # 0.25, 0.5, 1, 2: the usual geometric sweep of a loss weight
+        axis.minorticks_off()
     axis.set_xticks(positions, ticks, rotation=0 if x is not None else 30, ha="center" if x is not None else "right")
     axis.set_xlabel(table.params[0] if len(table.params) == 1 else "point")
     axis.set_ylabel(f"{metric} (%)")

@@ -169,15 +169,30 @@ def to_csv(table: GridTable) -> str:
 
 
 def rich_table(table: GridTable):
+    """The table for a terminal (compact, so 11 columns fit in 80); the footnote goes beneath it."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     header, rows = display_rows(table)
-    out = Table(title=table.title or None, caption=footnote(table))
+    out = Table(title=table.title or None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i, name in enumerate(header):
-        out.add_column(name, justify="left" if i < len(table.params) else "right", min_width=len(name))
+        is_param = i < len(table.params)
+        out.add_column(name, justify="left" if is_param else "right", min_width=len(name) if is_param else None)
     for cells in rows:
         out.add_row(*cells)
-    return out
+    return Group(out, Text(footnote(table), style="dim"))
+
+
+def table_console():
+    """A console for printing tables: the terminal's width, or wide when stdout is a file or pipe (so a
+    logged table is not cut at 80 columns)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def write_results(grid_dir: Path, table: GridTable) -> list[Path]:
