@@ -54,7 +54,9 @@ def plot_metric(table: "GridTable", metric: str, path: Path) -> Path:
         paper_axis.plot([positions[i] for i in known], [points["paper"].iloc[i] for i in known], "s--", color="tab:gray",
                         label=f"paper {metric} (COCO)")
         paper_axis.set_ylabel(f"paper {metric} (%)", color="tab:gray")
-        figure.legend(loc="lower right", fontsize=8)
+        handles, labels = axis.get_legend_handles_labels()
+        paper_handles, paper_labels = paper_axis.get_legend_handles_labels()
+        axis.legend(handles + paper_handles, labels + paper_labels, fontsize=8, loc="best")
     else:
         axis.legend(fontsize=8)
     axis.set_title(table.title or metric, fontsize=10)

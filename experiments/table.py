@@ -118,7 +118,7 @@ def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list
         cells = [str(row[name]) + (" *" if row["is_baseline"] and name == table.params[-1] else "") for name in table.params]
         cells += [_percent(row[f"{m}_mean"], row[f"{m}_std"], pm) for m in table.metrics]
         delta = row[f"delta_{primary}"]
-        cells.append("-" if math.isnan(delta) else ("0" if row["is_baseline"] else f"{100 * delta:+.2f}"))
+        cells.append("-" if math.isnan(delta) else ("0" if row["is_baseline"] else f"{round(100 * delta, 2) + 0.0:+.2f}"))  # no "-0.00"
         if has_paper:
             cells.append("-" if pd.isna(row["paper"]) else f"{row['paper']:.1f}")
         cells.append("-" if math.isnan(row["sec_per_iter"]) else f"{row['sec_per_iter']:.2f}")
