@@ -189,9 +189,9 @@ def ablate(
     grid_dir = out if out is not None else Path("runs") / spec.name
     table = run_grid(spec, grid_dir, schedule, data, options, retry_failed=retry_failed,
                      allow_changed_base=allow_changed_base, metrics=metric_names,
-                     log=lambda text: console.print(text, soft_wrap=True, highlight=False))
+                     log=lambda text: console.print(escape(text), soft_wrap=True, highlight=False))
     table_console().print(rich_table(table))
-    console.print(f"wrote {grid_dir}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
+    console.print(f"wrote {escape(str(grid_dir))}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
     failed = int(table.points["seeds_failed"].sum())
     if failed:
         console.print(f"[bold red]error:[/] {failed} run(s) failed (see the table and each run's run.log); "

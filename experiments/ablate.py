@@ -12,9 +12,9 @@ from pathlib import Path
 from codetr.config import Config, apply_overrides, get_preset
 from codetr.errors import ConfigError
 from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_grid, product_points
-from experiments.launchers import LaunchOptions, launch, runs_to_execute
-from experiments.params import check_point, split_values
-from experiments.store import open_grid
+from experiments.launchers import LaunchOptions, check_options, launch, runs_to_execute
+from experiments.params import split_values
+from experiments.store import GridLock, open_grid
 from experiments.table import GridTable, load_table, write_results
 
 
@@ -24,25 +24,27 @@ class Schedule:
 
     The default is short (one epoch capped at 100 iterations) so a 4-point grid finishes in about 15
     minutes on a 2-core CPU; `max_iters=0` trains full epochs. Grids keep only last.pt per run (no
-    epoch_XXX.pt copies), checkpointed every 25 iterations so an interrupted run loses little.
+    epoch_XXX.pt copies), checkpointed every 25 iterations (1000 on full epochs) so an interrupted run
+    loses little.
     """
 
     epochs: int = DEFAULT_EPOCHS
     max_iters: int = DEFAULT_MAX_ITERS
-    checkpoint_every: int = 25
+    checkpoint_every: int | None = None  # None: 25 on a capped schedule, 1000 on full epochs
 
     def overrides(self) -> list[str]:
+        every = self.checkpoint_every if self.checkpoint_every is not None else (25 if self.max_iters > 0 else 1000)
         return [f"optim.epochs={self.epochs}", f"train.max_iters_per_epoch={self.max_iters}",
-                f"train.checkpoint_every={self.checkpoint_every}", "train.keep_epoch_checkpoints=false"]
+                f"train.checkpoint_every={every}", "train.keep_epoch_checkpoints=false"]
 
 
 def grid_from_flags(params: list[tuple[str, str]], seeds: list[int] | None = None, preset: str = "co_tiny",
                     overrides: list[str] | None = None) -> GridSpec:
     """`--param NAME --values A,B` pairs -> a product grid."""
-    points = product_points([(name, split_values(values)) for name, values in params])
-    name = "ablate-" + "-".join(name.replace(".", "_") for name, _ in params)
-    return GridSpec(points=points, seeds=seeds or [0], preset=preset, overrides=list(overrides or []), name=name,
-                    title=f"Ablation: {' x '.join(name for name, _ in params)}")
+    points = product_points([(param, split_values(values)) for param, values in params])
+    names = [param for param, _ in params]
+    return GridSpec(points=points, seeds=seeds or [0], preset=preset, overrides=list(overrides or []),
+                    name="ablate-" + "-".join(n.replace(".", "_") for n in names), title=f"Ablation: {' x '.join(names)}")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -68,14 +70,6 @@ def resolve_base(spec: GridSpec, schedule: Schedule, data: Path | None) -> tuple
     return spec, apply_overrides(get_preset(spec.preset), spec.overrides)
 
 
-def default_baseline(spec: GridSpec, base: Config) -> dict[str, str]:
-    """The point that leaves the base config unchanged (e.g. lambda1=1.0 on co_tiny), else the first."""
-    for point in spec.points:
-        if check_point(point.values, base).hash() == base.hash():
-            return point.values
-    return spec.points[0].values
-
-
 def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: Path | None = None,
              options: LaunchOptions | None = None, retry_failed: bool = False, allow_changed_base: bool = False,
              metrics: list[str] | None = None, show_progress: bool = True, log=print) -> GridTable:
@@ -85,17 +79,19 @@ def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: 
     from their last checkpoint, failed ones are retried only with `retry_failed`.
     """
     options = options or LaunchOptions()
+    check_options(options)
     spec, base = resolve_base(spec, schedule or Schedule(), data)
     check_grid(spec, base)
-    if spec.baseline is None:
-        spec.baseline = default_baseline(spec, base)
-    runs = open_grid(Path(out), spec, base, allow_changed_base=allow_changed_base)
-    todo, skipped = runs_to_execute(runs, retry_failed)
-    skipped_text = ", ".join(f"{n} {state}" for state, n in skipped.items() if n)
-    log(f"grid {out}: {len(runs)} runs ({len(spec.points)} points x {len(spec.seeds)} seeds); "
-        f"{len(todo)} to run" + (f", skipping {skipped_text}" if skipped_text else "")
-        + (" (pass --retry-failed to re-run failed runs)" if skipped["failed"] else ""))
-    launch(todo, options, Path(out), show_progress=show_progress)
-    table = load_table(Path(out), metrics)
-    write_results(Path(out), table)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with GridLock(out):
+        runs = open_grid(out, spec, base, allow_changed_base=allow_changed_base)
+        todo, skipped = runs_to_execute(runs, retry_failed)
+        skipped_text = ", ".join(f"{n} {state}" for state, n in skipped.items() if n)
+        log(f"grid {out}: {len(runs)} runs ({len(spec.points)} points x {len(spec.seeds)} seeds); "
+            f"{len(todo)} to run" + (f", skipping {skipped_text}" if skipped_text else "")
+            + (" (pass --retry-failed to re-run failed runs)" if skipped["failed"] else ""))
+        launch(todo, options, out, show_progress=show_progress)
+        table = load_table(out, metrics)
+        write_results(out, table)
     return table

@@ -19,6 +19,7 @@ a YAML spec holding an explicit list (the paper's lambda table is a list, not a 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -92,6 +93,14 @@ def check_grid(spec: GridSpec, base: Config) -> None:
         raise ConfigError(f"baseline {spec.baseline} is not one of the grid's points")
 
 
+def default_baseline(points: list[GridPoint], base: Config) -> dict[str, str]:
+    """The point that leaves the base config unchanged (e.g. lambda1=1.0 on co_tiny), else the first."""
+    for point in points:
+        if check_point(point.values, base).hash() == base.hash():
+            return point.values
+    return points[0].values
+
+
 def find_point(spec: GridSpec, values: dict[str, str]) -> GridPoint | None:
     for point in spec.points:
         if point.values == values:
@@ -102,10 +111,17 @@ def find_point(spec: GridSpec, values: dict[str, str]) -> GridPoint | None:
 def run_name(point: GridPoint, seed: int) -> str:
     """The run folder's name: deterministic in the point's values and seed, so a re-run finds it.
 
-    e.g. {'lambda1': '0.25'} seed 0 -> 'lambda1=0.25__seed0'; characters unsafe in file names become '_'.
+    e.g. {'lambda1': '0.25'} seed 0 -> 'lambda1=0.25__seed0'. Parameters are sorted, so the order they
+    were written in does not matter. When characters unsafe in file names had to become '_', or the name
+    is long, a short hash of the exact values is appended so two different points never share a folder.
     """
-    parts = [f"{name}={value}" for name, value in point.values.items()] + [f"seed{seed}"]
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "__".join(parts))
+    pairs = [f"{name}={point.values[name]}" for name in sorted(point.values)]
+    raw = "__".join(pairs + [f"seed{seed}"])
+    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", raw)
+    if safe != raw or len(safe) > 120:
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+        safe = f"{safe[:100]}-{digest}"
+    return safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,15 +162,15 @@ def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
         raise ConfigError(f"{path}: `baseline:` must map parameter names to values, e.g. {{lambda1: 1}}")
     spec = GridSpec(
         points=points,
-        seeds=[int(s) for s in _as_list(data.get("seeds", [0]))],
+        seeds=[_integer(s, path, "seeds", "a list of integers such as [0, 1, 2]") for s in _as_list(data.get("seeds", [0]))],
         preset=str(data.get("preset", "co_tiny")),
         overrides=[str(item) for item in _as_list(data.get("set", []))],
         baseline={name: format_value(v) for name, v in baseline.items()} if baseline else None,
-        name=str(data.get("name", Path(path).stem)),
+        name=str(data.get("name") or Path(path).stem),
         title=str(data.get("title", "")),
         paper_metric=str(data.get("paper_metric", "AP")),
     )
-    schedule = {key: int(data[key]) for key in ("epochs", "max_iters") if key in data}
+    schedule = {key: _integer(data[key], path, key, "an integer") for key in ("epochs", "max_iters") if key in data}
     return spec, schedule
 
 
@@ -163,7 +179,15 @@ def _spec_point(item: Any, path: Path, index: int) -> GridPoint:
         raise ConfigError(f"{path}: points[{index}] must be a mapping such as {{lambda1: 0.5, paper: 46.6}}")
     values = {name: format_value(value) for name, value in item.items() if name != "paper"}
     paper = item.get("paper")
+    if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))):
+        raise ConfigError(f"{path}: points[{index}].paper={paper!r}: expected a number (the paper's value) or no `paper:`")
     return GridPoint(values, paper=float(paper) if paper is not None else None)
+
+
+def _integer(value: Any, path: Path, key: str, expected: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: {key}: {value!r} is not {expected}")
+    return value
 
 
 def _as_list(value: Any) -> list:

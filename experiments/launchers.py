@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codetr.errors import ConfigError
-from experiments.store import DONE, FAILED, RUNNING, RunRecord, is_locked, read_status, update_status
+from experiments.store import DONE, FAILED, RunRecord, is_locked, read_status, update_status
 
 LAUNCHERS = ("local", "parallel", "slurm")
 
@@ -45,21 +45,35 @@ def runs_to_execute(runs: list[RunRecord], retry_failed: bool) -> tuple[list[Run
     todo, skipped = [], {"done": 0, "failed": 0, "running elsewhere": 0}
     for run in runs:
         state = run.status()["state"]
-        if state == DONE:
+        if is_locked(run.directory):  # whatever its status says, a process is executing it now
+            skipped["running elsewhere"] += 1
+        elif state == DONE:
             skipped["done"] += 1
         elif state == FAILED and not retry_failed:
             skipped["failed"] += 1
-        elif state == RUNNING and is_locked(run.directory):
-            skipped["running elsewhere"] += 1
         else:
             todo.append(run)
     return todo, skipped
 
 
-def launch(runs: list[RunRecord], options: LaunchOptions, grid_dir: Path, show_progress: bool = True) -> None:
-    """Execute `runs` with the chosen launcher; returns when every run has finished or failed."""
+def check_options(options: LaunchOptions) -> None:
+    """Reject bad launcher options before anything is written."""
+    import torch
+
     if options.launcher not in LAUNCHERS:
         raise ConfigError(f"--launcher {options.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    if options.workers < 1:
+        raise ConfigError(f"--workers {options.workers}: expected at least 1")
+    if options.gpus_per_run < 1:
+        raise ConfigError(f"--gpus-per-run {options.gpus_per_run}: expected at least 1")
+    on_gpu = torch.cuda.is_available() and not options.device.startswith("cpu")
+    if on_gpu and options.launcher != "slurm" and options.gpus_per_run > torch.cuda.device_count():
+        raise ConfigError(f"--gpus-per-run {options.gpus_per_run}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def launch(runs: list[RunRecord], options: LaunchOptions, grid_dir: Path, show_progress: bool = True) -> None:
+    """Execute `runs` with the chosen launcher; returns when every run has finished or failed."""
+    check_options(options)
     if not runs:
         return
     with GridProgress(runs, enabled=show_progress) as progress:
@@ -83,25 +97,21 @@ def process_slots(options: LaunchOptions) -> list[dict[str, str]]:
     on_gpu = torch.cuda.is_available() and not options.device.startswith("cpu")
     # on the CPU, --gpus-per-run N means N gloo processes per run (useful to test the DDP path)
     if on_gpu:
-        count = torch.cuda.device_count()
-        if options.gpus_per_run > count:
-            raise ConfigError(f"--gpus-per-run {options.gpus_per_run}: this machine has {count} GPU(s)")
-        per = options.gpus_per_run
+        count, per = torch.cuda.device_count(), options.gpus_per_run
         return [{"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(s * per, (s + 1) * per))}
                 for s in range(count // per)]
-    if options.workers < 1:
-        raise ConfigError(f"--workers {options.workers}: expected at least 1")
     threads = max(1, (os.cpu_count() or 1) // (options.workers * options.gpus_per_run))
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(options.workers)]
 
 
 def worker_command(run: RunRecord, options: LaunchOptions) -> list[str]:
+    """The child's command line. --device passes through ("" or "cuda" give each rank cuda:LOCAL_RANK);
+    --grid-pid makes the worker (every rank, under torchrun) exit when the grid process dies."""
+    worker = ["-m", "experiments.worker", str(run.directory), "--device", options.device, "--grid-pid", str(os.getpid())]
     if options.gpus_per_run > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={options.gpus_per_run}",
-                "-m", "experiments.worker", str(run.directory), "--device", options.device or "cuda"]
-    # --parent-pid: a worker dies with the grid process, so a killed grid leaves no orphan run behind
-    return [sys.executable, "-m", "experiments.worker", str(run.directory), "--device", options.device,
-            "--parent-pid", str(os.getpid())]
+                *worker]
+    return [sys.executable, *worker]
 
 
 def run_processes(runs: list[RunRecord], options: LaunchOptions, progress: "GridProgress") -> None:
@@ -136,8 +146,11 @@ def run_processes(runs: list[RunRecord], options: LaunchOptions, progress: "Grid
 
 
 def _record_exit(run: RunRecord, returncode: int) -> None:
-    """A child that died without recording its end (killed, out of memory, a crash) is a failed run."""
-    if returncode != 0 and read_status(run.directory)["state"] not in (DONE, FAILED):
+    """A child that died without recording its end (killed, out of memory, a crash) is a failed run;
+    one that found the run executing elsewhere (LOCK_BUSY_EXIT) changes nothing."""
+    from experiments.worker import LOCK_BUSY_EXIT
+
+    if returncode not in (0, LOCK_BUSY_EXIT) and read_status(run.directory)["state"] not in (DONE, FAILED):
         update_status(run.directory, state=FAILED, error=f"worker exited with code {returncode} (see run.log)",
                       finished=time.time())
 
@@ -156,12 +169,15 @@ class SlurmRun:
 
         from experiments.worker import execute_run
 
-        job = submitit.JobEnvironment()
-        if job.num_tasks > 1:  # one task per GPU: hand submitit's layout to torch.distributed
-            os.environ.update(RANK=str(job.global_rank), LOCAL_RANK=str(job.local_rank),
-                              WORLD_SIZE=str(job.num_tasks), MASTER_ADDR=job.hostnames[0],
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
-        return execute_run(Path(run_dir), device)
+        from experiments.store import LockBusy
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            # one task per GPU: RANK, WORLD_SIZE, MASTER_ADDR and a per-job MASTER_PORT for torch.distributed
+            submitit.helpers.TorchDistributedEnvironment().export()
+        try:
+            return execute_run(Path(run_dir), device)
+        except LockBusy:  # a duplicate submission while the run executes elsewhere
+            return False
 
     def checkpoint(self, run_dir: str, device: str = ""):
         import submitit
@@ -184,7 +200,8 @@ def slurm_executor(options: LaunchOptions, grid_dir: Path):
 def run_slurm(runs: list[RunRecord], options: LaunchOptions, grid_dir: Path, progress: "GridProgress") -> None:
     executor = slurm_executor(options, grid_dir)
     if executor.cluster != "slurm":
-        progress.note("no Slurm on this machine (no sbatch): submitit's local executor runs the jobs")
+        progress.note("no Slurm on this machine (no sbatch): submitit's local executor runs all jobs at once, "
+                      "on the CPU (meant for testing; use --launcher parallel on a workstation)")
     jobs = executor.map_array(SlurmRun(), [str(run.directory) for run in runs], [options.device] * len(runs))
     pending = dict(zip((job.job_id for job in jobs), zip(jobs, runs)))
     for run in runs:
@@ -197,7 +214,9 @@ def run_slurm(runs: list[RunRecord], options: LaunchOptions, grid_dir: Path, pro
                     job.result()
                 except Exception as error:  # noqa: BLE001 - a job that died outside execute_run
                     if read_status(run.directory)["state"] not in (DONE, FAILED):
-                        update_status(run.directory, state=FAILED, error=f"slurm job {job_id}: {str(error).splitlines()[-1]}")
+                        from experiments.worker import error_line
+
+                        update_status(run.directory, state=FAILED, error=f"slurm job {job_id}: {error_line(error)}")
                 progress.finish_run(run)
                 del pending[job_id]
         progress.refresh()
@@ -208,15 +227,26 @@ def run_slurm(runs: list[RunRecord], options: LaunchOptions, grid_dir: Path, pro
 # ----------------------------------------------------------------------------------------------
 
 
-def iterations_done(run_dir: Path) -> int:
-    log = run_dir / "log.jsonl"
-    if not log.exists():
-        return 0
-    count = 0
-    with open(log) as f:
-        for line in f:
-            count += '"time"' in line and '"event"' not in line
-    return count
+class IterationCounter:
+    """Counts a run's logged training iterations, reading only what was appended since the last call."""
+
+    def __init__(self, run_dir: Path):
+        self.log = run_dir / "log.jsonl"
+        self.offset = 0
+        self.count = 0
+
+    def __call__(self) -> int:
+        if not self.log.exists():
+            return 0
+        with open(self.log, "rb") as f:
+            if f.seek(0, os.SEEK_END) < self.offset:  # truncated by a resume: count afresh
+                self.offset, self.count = 0, 0
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is counted next time
+        self.offset += len(complete)
+        self.count += sum(b'"time"' in line and b'"event"' not in line for line in complete.splitlines())
+        return self.count
 
 
 class GridProgress:
@@ -226,7 +256,7 @@ class GridProgress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
         self.grid_task = self.progress.add_task("[bold]grid[/] runs", total=len(runs))
-        self.run_tasks: dict[Path, int] = {}
+        self.run_tasks: dict[Path, tuple[int, IterationCounter]] = {}
 
     def __enter__(self) -> "GridProgress":
         self.progress.__enter__()
@@ -239,21 +269,20 @@ class GridProgress:
         self.progress.console.print(text, soft_wrap=True, highlight=False)
 
     def start_run(self, run: RunRecord) -> None:
-        self.run_tasks[run.directory] = self.progress.add_task(f"  {run.name}", total=None)
+        task = self.progress.add_task(f"  {escape(run.name)}", total=None)
+        self.run_tasks[run.directory] = (task, IterationCounter(run.directory))
 
     def finish_run(self, run: RunRecord) -> None:
         self.refresh()
-        task = self.run_tasks.pop(run.directory, None)
-        if task is not None:
-            self.progress.remove_task(task)
+        entry = self.run_tasks.pop(run.directory, None)
+        if entry is not None:
+            self.progress.remove_task(entry[0])
         status = read_status(run.directory)
         outcome = {DONE: "[green]done[/]", FAILED: f"[red]failed[/]: {escape(str(status.get('error')))}"}.get(status["state"], status["state"])
-        self.progress.console.print(f"{run.name}: {outcome}", highlight=False, soft_wrap=True)
+        self.progress.console.print(f"{escape(run.name)}: {outcome}", highlight=False, soft_wrap=True)
         self.progress.advance(self.grid_task)
 
     def refresh(self) -> None:
-        for run_dir, task in self.run_tasks.items():
-            status = read_status(run_dir)
-            total = status.get("total_iters")
-            self.progress.update(task, total=total, completed=iterations_done(run_dir))
+        for run_dir, (task, counter) in self.run_tasks.items():
+            self.progress.update(task, total=read_status(run_dir).get("total_iters"), completed=counter())
 

@@ -1,4 +1,4 @@
-"""The results store: one folder per grid, one sub-folder per run; nothing in it is ever lost.
+"""The results store: one folder per grid, one sub-folder per run; results are moved aside, never deleted.
 
     GRID/manifest.json          base config hash, base preset + overrides, the points, seeds, version
     GRID/<run name>/run.json    the run's point, seed, overrides and resolved config
@@ -7,8 +7,9 @@
     GRID/<run name>/run.log     the run's own output (its traceback when it failed)
     GRID/results.{csv,md,tex}, GRID/plot_<metric>.png    the rendered table (experiments/table.py)
 
-Every write is atomic. A run being executed holds an exclusive lock on `<run>/.lock`, so a re-run of
-the grid can tell an interrupted run (no lock holder: resume it) from one still running elsewhere.
+Every write is atomic. `codetr ablate` holds `GRID/.grid.lock` while it runs, so two grid processes
+never drive one folder; a run being executed holds `<run>/.lock`, so a re-run of the grid can tell an
+interrupted run (no lock holder: resume it) from one still running elsewhere.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from codetr import __version__
 from codetr.config import Config
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_json
-from experiments.grid import GridPoint, GridSpec, run_name
-from experiments.params import point_overrides
+from experiments.grid import GridPoint, GridSpec, default_baseline, run_name
+from experiments.params import check_point, point_overrides
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 
@@ -66,34 +67,54 @@ def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return status
 
 
-def is_locked(run_dir: Path) -> bool:
-    """Whether some process is executing this run right now (it holds `<run>/.lock`)."""
-    lock_file = run_dir / ".lock"
+def _flock(handle, path: Path, blocking: bool) -> bool:
+    """Take an exclusive flock; False if another process holds it. One clear error where the
+    filesystem has no locks (some network filesystems)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        raise ConfigError(f"{path}: file locks (flock) do not work on this filesystem ({error.strerror}); "
+                          f"put the grid folder on a local or flock-enabled filesystem") from None
+    return True
+
+
+def is_locked(directory: Path, name: str = ".lock") -> bool:
+    """Whether some process holds `directory/name` right now (e.g. is executing this run)."""
+    lock_file = directory / name
     if not lock_file.exists():
         return False
     with open(lock_file, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(handle, lock_file, blocking=False):
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
 
 
-class RunLock:
-    """Exclusive lock of a run for the lifetime of the process executing it (released when it dies)."""
+class FileLock:
+    """An exclusive lock held for the lifetime of a process (the OS releases it when the process dies).
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
+    `RunLock` guards one run (held by its worker); `GridLock` guards a grid folder (held by `ablate`).
+    A short retry lets a concurrent `is_locked` probe (which takes the lock for an instant) pass.
+    """
+
+    name = ".lock"
+    busy_message = "is being executed by another process"
+
+    def __init__(self, directory: Path, retry_s: float = 3.0):
+        self.path = Path(directory) / self.name
+        self.retry_s = retry_s
         self.handle = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "FileLock":
         self.handle = open(self.path, "a")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise ConfigError(f"{self.path.parent}: this run is being executed by another process") from None
+        deadline = time.monotonic() + self.retry_s
+        while not _flock(self.handle, self.path, blocking=False):
+            if time.monotonic() > deadline:
+                self.handle.close()
+                raise LockBusy(f"{self.path.parent} {self.busy_message}")
+            time.sleep(0.1)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -101,48 +122,60 @@ class RunLock:
         self.handle.close()
 
 
+class LockBusy(ConfigError):
+    """Another process holds the lock."""
+
+
+class RunLock(FileLock):
+    name = ".lock"
+    busy_message = "is being executed by another process"
+
+
+class GridLock(FileLock):
+    name = ".grid.lock"
+    busy_message = "is being run by another `codetr ablate` process; wait for it, or use another --out"
+
+
 def base_config_summary(spec: GridSpec, base: Config) -> dict[str, Any]:
     return {"preset": spec.preset, "overrides": spec.overrides, "hash": base.hash()}
 
 
 def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool = False) -> list[RunRecord]:
-    """Create or re-open the grid folder and return its runs (point x seed), creating their folders.
+    """Create or re-open the grid folder and return this invocation's runs (point x seed), creating their
+    folders. The caller holds the folder's GridLock.
 
-    A re-opened grid must have the same base config (hash); points and seeds may be added. With
-    `allow_changed_base`, the new base is recorded, and runs whose resolved config changed are moved
-    aside to `<run>.stale-<old hash>` (never deleted) and start afresh.
+    A re-opened grid must have the same base config (hash); points and seeds may be added, and the
+    manifest keeps the earlier ones (and their baseline). With `allow_changed_base`, the new base is
+    recorded, and runs whose resolved config changed are moved aside to `<run>.stale-<old hash>` (never
+    deleted); a run moved aside earlier with exactly the new config comes back.
     """
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     manifest = read_json(manifest_path)
     base_summary = base_config_summary(spec, base)
-    if manifest is not None and manifest["base"]["hash"] != base_summary["hash"]:
-        if not allow_changed_base:
-            old = manifest["base"]
-            raise ConfigError(
-                f"{manifest_path}: this grid was made with a different base config (preset {old['preset']}, "
-                f"--set {old['overrides']}, hash {old['hash']}; now {base_summary['hash']}); use another --out, "
-                f"or pass --allow-changed-base to re-run the points whose config changed"
-            )
+    if manifest is not None and manifest["base"]["hash"] != base_summary["hash"] and not allow_changed_base:
+        old = manifest["base"]
+        raise ConfigError(
+            f"{manifest_path}: this grid was made with a different base config (preset {old['preset']}, "
+            f"--set {old['overrides']}, hash {old['hash']}; now {base_summary['hash']}); use another --out, "
+            f"or pass --allow-changed-base to re-run the points whose config changed"
+        )
     points = _merge_points(manifest, spec)
-    seeds = sorted(set((manifest or {}).get("seeds", [])) | set(spec.seeds))
-    manifest = {
+    merged = GridSpec(points=points, seeds=spec.seeds)
+    baseline = spec.baseline or (manifest or {}).get("baseline") or default_baseline(points, base)
+    runs = [_prepare_run(root, point, seed, spec, base) for point in spec.points for seed in spec.seeds]
+    atomic_write_json(manifest_path, {  # written last: it describes runs that exist
         "version": __version__,
         "created": (manifest or {}).get("created", time.time()),
         "base": base_summary,
         "name": spec.name,
         "title": spec.title,
         "paper_metric": spec.paper_metric,
-        "baseline": spec.baseline if spec.baseline is not None else (manifest or {}).get("baseline"),
-        "params": spec.param_names,
+        "baseline": baseline,
+        "params": merged.param_names,
         "points": [{"values": p.values, "paper": p.paper} for p in points],
-        "seeds": seeds,
-    }
-    atomic_write_json(manifest_path, manifest)
-    runs = []
-    for point in spec.points:  # this invocation's points only: an earlier grid's extra points are kept, not re-run
-        for seed in spec.seeds:
-            runs.append(_prepare_run(root, point, seed, spec, base))
+        "seeds": sorted(set((manifest or {}).get("seeds", [])) | set(spec.seeds)),
+    })
     return runs
 
 
@@ -158,24 +191,35 @@ def _merge_points(manifest: dict | None, spec: GridSpec) -> list[GridPoint]:
 
 
 def _prepare_run(root: Path, point: GridPoint, seed: int, spec: GridSpec, base: Config) -> RunRecord:
-    from experiments.params import check_point
-
     run_dir = root / run_name(point, seed)
     overrides = spec.overrides + point_overrides(point.values, base) + [f"train.seed={seed}"]
-    cfg = check_point({**point.values, "train.seed": str(seed)}, base)
+    config_hash = check_point({**point.values, "train.seed": str(seed)}, base).hash()
     existing = read_json(run_dir / "run.json")
-    if existing is not None and existing["config_hash"] != cfg.hash():
+    if existing is not None and existing["config_hash"] != config_hash:
         if is_locked(run_dir):
             raise ConfigError(f"{run_dir}: its config changed but it is running elsewhere; wait or use another --out")
-        os.replace(run_dir, run_dir.with_name(f"{run_dir.name}.stale-{existing['config_hash']}"))
+        _move_aside(run_dir, existing["config_hash"])
+        earlier = run_dir.with_name(f"{run_dir.name}.stale-{config_hash}")
+        if earlier.exists():  # this exact config ran before: its results are valid again
+            os.replace(earlier, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = check_point({**point.values, "train.seed": str(seed)}, base)
     atomic_write_json(run_dir / "run.json", {
         "point": point.values, "seed": seed, "preset": spec.preset, "overrides": overrides,
-        "config_hash": cfg.hash(), "config": cfg.to_dict(),
+        "config_hash": config_hash, "config": cfg.to_dict(),
     })
     if not (run_dir / "status.json").exists():
         update_status(run_dir, state=PENDING, attempts=0)
     return RunRecord(run_dir, point, seed)
+
+
+def _move_aside(run_dir: Path, config_hash: str) -> None:
+    target = run_dir.with_name(f"{run_dir.name}.stale-{config_hash}")
+    suffix = 2
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.stale-{config_hash}-{suffix}")
+        suffix += 1
+    os.replace(run_dir, target)
 
 
 def grid_runs(root: Path) -> tuple[dict[str, Any], list[RunRecord]]:

@@ -3,7 +3,8 @@
 Metrics are COCO fractions in the store (0.423) and are shown in percent like the paper (42.30).
 The spread is the sample standard deviation over seeds (ddof=1); with one seed none is shown.
 Files written into the grid folder:
-    results.csv   one row per point, machine-readable (fractions, separate _mean / _std columns)
+    results.csv   one row per point, machine-readable (metrics as fractions with separate _mean / _std
+                  columns; `paper` as published, in percent)
     results.md    the rendered table (Markdown);  results.tex  the same as a LaTeX tabular
     plot_<metric>.png   each chosen metric against the parameter (error bars over seeds)
 """
@@ -18,6 +19,7 @@ import pandas as pd
 from codetr.engine.evaluate import METRIC_NAMES
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_text
+from experiments.grid import GridPoint
 from experiments.store import DONE, FAILED, grid_runs
 
 DEFAULT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -45,48 +47,63 @@ def check_metrics(names: list[str]) -> list[str]:
 
 
 def run_rows(grid_dir: Path) -> tuple[dict, pd.DataFrame]:
-    """One row per run: its parameter values, seed, state, metrics, seconds per iteration, peak memory."""
+    """One row per run: its parameter values, seed, state, metrics, seconds per iteration, peak memory.
+
+    COCOeval reports -1 for a size range without ground truth (e.g. no small objects); that is "no
+    value", so it becomes NaN rather than being averaged.
+    """
     manifest, runs = grid_runs(grid_dir)
     rows = []
     for run in runs:
         status = run.status()
-        row = {"point": run.point.values, "label": run.point.label(), "paper": run.point.paper, "seed": run.seed,
-               "state": status["state"], "error": status.get("error"), "sec_per_iter": status.get("sec_per_iter"),
-               "peak_mem_mb": status.get("peak_mem_mb")}
-        row.update((status.get("metrics") or {}) if status["state"] == DONE else {})
+        row = {"point": run.point.values, "seed": run.seed, "state": status["state"], "error": status.get("error"),
+               "sec_per_iter": status.get("sec_per_iter"), "peak_mem_mb": status.get("peak_mem_mb")}
+        if status["state"] == DONE:
+            row.update((name, value if value >= 0 else math.nan) for name, value in (status.get("metrics") or {}).items())
         rows.append(row)
     return manifest, pd.DataFrame(rows)
 
 
+def _mean(values: pd.Series) -> float:
+    values = values.dropna().astype(float)
+    return values.mean() if len(values) else math.nan
+
+
 def summarize(manifest: dict, runs: pd.DataFrame, metrics: list[str]) -> GridTable:
-    """Aggregate runs into one row per point (in the manifest's order) with mean/std over done seeds."""
-    params = manifest["params"]
+    """Aggregate runs into one row per point (in the manifest's order) with mean/std over done seeds.
+
+    The delta of the first metric is taken over the seeds that both the point and the baseline
+    completed, so a failed seed on one side does not bias it.
+    """
+    params, primary = manifest["params"], metrics[0]
     baseline = manifest.get("baseline")
+    point_runs = [runs[[p == item["values"] for p in runs["point"]]] if len(runs) else runs for item in manifest["points"]]
+    done_runs = [mine[mine["state"] == DONE] if len(mine) else mine for mine in point_runs]
+    base_index = next((i for i, item in enumerate(manifest["points"]) if item["values"] == baseline), None)
     rows = []
-    for item in manifest["points"]:
-        label = ", ".join(f"{k}={v}" for k, v in item["values"].items()) or "base"
-        mine = runs[runs["label"] == label] if len(runs) else runs
-        done = mine[mine["state"] == DONE] if len(mine) else mine
+    for item, mine, done in zip(manifest["points"], point_runs, done_runs):
         row = {name: item["values"].get(name, "") for name in params}
-        failed = int((mine["state"] == FAILED).sum()) if len(mine) else 0
-        row.update(label=label, paper=item.get("paper"), seeds_done=len(done), seeds=len(mine), seeds_failed=failed,
-                   is_baseline=baseline is not None and item["values"] == baseline,
-                   errors="; ".join(sorted(set(e for e in mine.get("error", pd.Series(dtype=object)).dropna()))))
+        errors = sorted(set(mine["error"].dropna())) if len(mine) else []
+        row.update(label=GridPoint(item["values"]).label(), paper=item.get("paper"), seeds_done=len(done),
+                   seeds=len(mine), seeds_failed=int((mine["state"] == FAILED).sum()) if len(mine) else 0,
+                   is_baseline=item["values"] == baseline, errors="; ".join(errors))
         for metric in metrics:
-            values = done[metric].astype(float) if metric in done else pd.Series(dtype=float)
+            values = done[metric].dropna().astype(float) if metric in done else pd.Series(dtype=float)
             row[f"{metric}_mean"] = values.mean() if len(values) else math.nan
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         for column in ("sec_per_iter", "peak_mem_mb"):
-            values = done[column].dropna().astype(float) if column in done else pd.Series(dtype=float)
-            row[column] = values.mean() if len(values) else math.nan
+            row[column] = _mean(done[column]) if column in done else math.nan
+        row[f"delta_{primary}"] = math.nan
+        if base_index is not None and primary in done and primary in done_runs[base_index]:
+            ours = done.set_index("seed")[primary]
+            theirs = done_runs[base_index].set_index("seed")[primary]
+            common = ours.index.intersection(theirs.index)
+            if len(common):
+                row[f"delta_{primary}"] = _mean(ours[common]) - _mean(theirs[common])
         rows.append(row)
     table = pd.DataFrame(rows)
-    primary = metrics[0]
-    base_rows = table[table["is_baseline"]] if len(table) else table
-    base_value = base_rows[f"{primary}_mean"].iloc[0] if len(base_rows) else math.nan
-    table[f"delta_{primary}"] = table[f"{primary}_mean"] - base_value
     return GridTable(table, params, metrics, manifest.get("title") or manifest.get("name", ""),
-                     manifest.get("paper_metric", "AP"), base_rows["label"].iloc[0] if len(base_rows) else None)
+                     manifest.get("paper_metric", "AP"), table["label"].iloc[base_index] if base_index is not None else None)
 
 
 def load_table(grid_dir: Path, metrics: list[str] | None = None) -> GridTable:
@@ -106,6 +123,12 @@ def _percent(mean: float, std: float, pm: str) -> str:
     return text if math.isnan(std) else f"{text} {pm} {100 * std:.2f}"
 
 
+def _signed_percent(delta: float) -> str:
+    if math.isnan(delta):
+        return "-"
+    return f"{round(100 * delta, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0: no "-0.00"
+
+
 def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list[str]]]:
     """Header and cells as text: parameters, metrics (percent), delta, paper, s/iter, peak MB, seeds."""
     primary = table.metrics[0]
@@ -118,7 +141,7 @@ def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list
         cells = [str(row[name]) + (" *" if row["is_baseline"] and name == table.params[-1] else "") for name in table.params]
         cells += [_percent(row[f"{m}_mean"], row[f"{m}_std"], pm) for m in table.metrics]
         delta = row[f"delta_{primary}"]
-        cells.append("-" if math.isnan(delta) else ("0" if row["is_baseline"] else f"{round(100 * delta, 2) + 0.0:+.2f}"))  # no "-0.00"
+        cells.append("0" if row["is_baseline"] else _signed_percent(delta))
         if has_paper:
             cells.append("-" if pd.isna(row["paper"]) else f"{row['paper']:.1f}")
         cells.append("-" if math.isnan(row["sec_per_iter"]) else f"{row['sec_per_iter']:.2f}")
@@ -181,7 +204,7 @@ def rich_table(table: GridTable):
         is_param = i < len(table.params)
         out.add_column(name, justify="left" if is_param else "right", min_width=len(name) if is_param else None)
     for cells in rows:
-        out.add_row(*cells)
+        out.add_row(*(Text(cell) for cell in cells))  # Text: a value like [atss,fcos] is not markup
     return Group(out, Text(footnote(table), style="dim"))
 
 

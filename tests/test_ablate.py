@@ -104,7 +104,8 @@ def test_failing_run_is_recorded_and_the_others_finish(synth_root, tmp_path):
     _, runs = grid_runs(out)
     states = {run.name: run.status() for run in runs}
     assert states["lambda1=1__seed0"]["state"] == "done"
-    failed = states["lambda1=1__model.backbone.pretrained=_nonexistent_r18.pth__seed0"]
+    (failed_name,) = [name for name in states if name.startswith("lambda1=1__model.backbone.pretrained=")]
+    failed = states[failed_name]
     assert failed["state"] == "failed" and "/nonexistent/r18.pth" in failed["error"]
     assert "failed at lambda1=1, model.backbone.pretrained=/nonexistent/r18.pth" in (out / "results.md").read_text()
 

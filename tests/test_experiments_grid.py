@@ -1,15 +1,16 @@
 """Grid expansion, parameter validation and table rendering (no training: fixture metrics)."""
 import json
 import math
+import re
 
 import pytest
 
 from codetr.config import get_preset
 from codetr.errors import ConfigError
-from experiments.ablate import Schedule, default_baseline, grid_from_flags, parse_baseline, resolve_base
-from experiments.grid import GridPoint, GridSpec, check_grid, load_spec, product_points, run_name
+from experiments.ablate import Schedule, grid_from_flags, parse_baseline, resolve_base, run_grid
+from experiments.grid import GridPoint, GridSpec, check_grid, default_baseline, load_spec, product_points, run_name
 from experiments.params import override_text, split_values
-from experiments.store import DONE, FAILED, open_grid, update_status
+from experiments.store import DONE, FAILED, GridLock, LockBusy, RunLock, grid_runs, open_grid, read_status, update_status
 from experiments.table import load_table, render, to_csv
 
 # -- expansion ---------------------------------------------------------------------------------
@@ -69,14 +70,22 @@ def test_repo_specs_are_valid():
     assert len(lambdas.points) == 7 and sum(p.paper for p in lambdas.points) == pytest.approx(324.6)
 
 
-def test_run_names_are_deterministic_and_safe():
-    point = GridPoint({"model.aux.heads": "[atss,fcos]", "lr": "1e-4"})
-    assert run_name(point, 3) == run_name(GridPoint(dict(point.values)), 3) == "model.aux.heads=_atss_fcos___lr=1e-4__seed3"
+def test_run_names_are_canonical_safe_and_distinct():
+    a = GridPoint({"lambda1": "1", "lambda2": "2"})
+    assert run_name(a, 0) == run_name(GridPoint({"lambda2": "2", "lambda1": "1"}), 0) == "lambda1=1__lambda2=2__seed0"
+    # unsafe characters become '_' and a hash of the exact values keeps different points apart
+    slash, underscore = (run_name(GridPoint({"model.backbone.pretrained": p}), 0) for p in ("/a/b.pth", "/a_b.pth"))
+    assert slash.startswith("model.backbone.pretrained=_a_b.pth__seed0-") and slash != underscore
+    long = GridPoint({f"model.transformer.key{i}": "x" * 30 for i in range(6)})
+    assert len(run_name(long, 0)) <= 110
+    spec, base = resolve_base(GridSpec(points=[a, GridPoint({"lambda2": "2", "lambda1": "1"})]), Schedule(), None)
+    with pytest.raises(ConfigError, match="same run"):
+        check_grid(spec, base)
 
 
 def test_default_baseline_is_the_unchanged_point():
     spec, base = resolve_base(grid_from_flags([("lambda1", "0.25,1,2")]), Schedule(), None)
-    assert default_baseline(spec, base) == {"lambda1": "1"}  # co_tiny's lambda1 is 1.0
+    assert default_baseline(spec.points, base) == {"lambda1": "1"}  # co_tiny's lambda1 is 1.0
     assert parse_baseline("lambda1=1,lambda2=2") == {"lambda1": "1", "lambda2": "2"}
 
 
@@ -91,7 +100,7 @@ def test_default_baseline_is_the_unchanged_point():
 ])
 def test_bad_names_and_values_fail_before_running(params, message, tmp_path):
     spec, base = resolve_base(grid_from_flags(params), Schedule(), None)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_grid(spec, base)
 
 
@@ -115,6 +124,71 @@ def test_changed_base_is_refused_unless_allowed(tmp_path):
     open_grid(tmp_path, spec2, base2, allow_changed_base=True)
     stale = list(tmp_path.glob("lambda1=1__seed0.stale-*"))
     assert len(stale) == 1 and (stale[0] / "metrics.json").exists()  # kept aside, never deleted
+    # back to the first base: its run (with its result) returns; the second base's run is kept aside
+    open_grid(tmp_path, spec, base, allow_changed_base=True)
+    assert (tmp_path / "lambda1=1__seed0" / "metrics.json").exists()
+    open_grid(tmp_path, spec2, base2, allow_changed_base=True)
+    open_grid(tmp_path, spec, base, allow_changed_base=True)
+    assert (tmp_path / "lambda1=1__seed0" / "metrics.json").exists()
+    assert len(list(tmp_path.glob("lambda1=1__seed0.stale-*"))) == 1
+
+
+def test_extending_a_grid_keeps_its_points_baseline_and_columns(tmp_path):
+    spec, base = resolve_base(grid_from_flags([("lambda1", "0.25,1")]), Schedule(), None)
+    open_grid(tmp_path, spec, base)
+    spec, base = resolve_base(grid_from_flags([("lambda1", "4")]), Schedule(), None)
+    open_grid(tmp_path, spec, base)
+    spec, base = resolve_base(grid_from_flags([("lambda2", "3")]), Schedule(), None)
+    open_grid(tmp_path, spec, base)
+    manifest, runs = grid_runs(tmp_path)
+    assert manifest["baseline"] == {"lambda1": "1"}  # chosen first, among the merged points
+    assert manifest["params"] == ["lambda1", "lambda2"]
+    assert [r.name for r in runs] == ["lambda1=0.25__seed0", "lambda1=1__seed0", "lambda1=4__seed0", "lambda2=3__seed0"]
+
+
+def test_a_second_grid_process_on_the_same_folder_is_refused(tmp_path):
+    spec = grid_from_flags([("lambda1", "1")])
+    tmp_path.mkdir(exist_ok=True)
+    with GridLock(tmp_path):  # another `codetr ablate` holds the folder
+        with pytest.raises(LockBusy, match="is being run by another `codetr ablate` process"):
+            run_grid(spec, tmp_path, show_progress=False, log=lambda text: None)
+
+
+def test_worker_leaves_a_run_executing_elsewhere_untouched(tmp_path):
+    from experiments.worker import LOCK_BUSY_EXIT, main
+
+    spec, base = resolve_base(grid_from_flags([("lambda1", "1")]), Schedule(), None)
+    run = open_grid(tmp_path, spec, base)[0]
+    with RunLock(run.directory, retry_s=0):
+        assert main([str(run.directory)]) == LOCK_BUSY_EXIT
+    assert read_status(run.directory)["state"] == "pending"
+
+
+def test_worker_command_lines():
+    from experiments.launchers import LaunchOptions, SlurmRun, worker_command
+
+    run = type("Run", (), {"directory": "G/r"})()
+    single = worker_command(run, LaunchOptions(device="cuda"))
+    assert single[1:6] == ["-m", "experiments.worker", "G/r", "--device", "cuda"] and "--grid-pid" in single
+    ddp = worker_command(run, LaunchOptions(gpus_per_run=4))
+    assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert ddp[ddp.index("--device") + 1] == ""  # each rank picks cuda:LOCAL_RANK
+    resubmission = SlurmRun().checkpoint("G/r", "cuda")
+    assert resubmission.args == ("G/r", "cuda") and isinstance(resubmission.function, SlurmRun)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds: 0,1\npoints: [{lambda1: 1}]\n", "seeds: '0,1' is not a list of integers"),
+    ("epochs: one\npoints: [{lambda1: 1}]\n", "epochs: 'one' is not an integer"),
+    ("points: [{lambda1: 1, paper: n/a}]\n", "points[0].paper='n/a': expected a number"),
+    ("points: [{lambda1: 1}]\nproduct: {lambda2: [1]}\n", "exactly one of `points:`"),
+    ("colour: red\npoints: []\n", "unknown key(s) colour"),
+])
+def test_bad_yaml_specs_give_one_line(tmp_path, text, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(path)
 
 
 # -- tables from fixture metrics -------------------------------------------------------------------
@@ -133,6 +207,7 @@ def _fixture_grid(tmp_path):
         if key in ap:
             metrics = {name: ap[key] for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
             metrics["AP50"] = ap[key] + 0.2
+            metrics["APs"] = -1.0 if key == ("2", 0) else metrics["APs"]  # COCOeval: no small objects
             update_status(run.directory, state=DONE, metrics=metrics, sec_per_iter=1.5 + run.seed, peak_mem_mb=1000.0)
         else:
             update_status(run.directory, state=FAILED, error="TrainingError: non-finite loss")
@@ -146,6 +221,7 @@ def test_table_mean_std_delta_by_hand(tmp_path):
     assert rows.loc["0.5", "AP_std"] == pytest.approx(math.sqrt(2) * 0.01, abs=1e-12)  # sample std of 0.40, 0.42
     assert rows.loc["2", "AP_mean"] == pytest.approx(0.30) and math.isnan(rows.loc["2", "AP_std"])
     assert rows.loc["0.5", "delta_AP"] == pytest.approx(0.41 - 0.46, abs=1e-12)
+    assert rows.loc["2", "delta_AP"] == pytest.approx(0.30 - 0.45, abs=1e-12)  # over seed 0, the common one
     assert rows.loc["1", "sec_per_iter"] == pytest.approx(2.0)
     assert list(rows["seeds_done"]) == [2, 2, 1]
 
@@ -153,7 +229,7 @@ def test_table_mean_std_delta_by_hand(tmp_path):
     assert "| lambda1 | AP | AP50 | ΔAP | paper AP | s/it | peak MB | seeds |" in markdown
     assert "| 0.5 | 41.00 ± 1.41 | 61.00 ± 1.41 | -5.00 | 46.6 | 2.00 | 1000 | 2/2 |" in markdown
     assert "| 1 * | 46.00 ± 1.41 | 66.00 ± 1.41 | 0 | 46.8 |" in markdown
-    assert "| 2 | 30.00 | 50.00 | -16.00 | - | 1.50 | 1000 | 1/2 |" in markdown
+    assert "| 2 | 30.00 | 50.00 | -15.00 | - | 1.50 | 1000 | 1/2 |" in markdown
     assert "failed at lambda1=2: TrainingError: non-finite loss" in markdown
 
     latex = render(table, "latex")
@@ -162,6 +238,7 @@ def test_table_mean_std_delta_by_hand(tmp_path):
 
     lines = to_csv(table).splitlines()
     assert lines[0].startswith("lambda1,AP_mean,AP_std,AP50_mean,AP50_std,delta_AP,paper")
+    assert math.isnan(load_table(tmp_path, ["APs"]).points.set_index("lambda1").loc["2", "APs_mean"])  # -1: no value
     first = lines[1].split(",")
     assert first[0] == "0.5" and float(first[1]) == pytest.approx(0.41, abs=1e-12)
     assert float(first[2]) == pytest.approx(0.01 * math.sqrt(2), abs=1e-12)
@@ -182,3 +259,17 @@ def test_table_command_writes_files_and_rejects_bad_metric(tmp_path):
     assert bad.exit_code == 2 and "unknown mAP; valid: AP, AP50" in bad.output
     missing = CliRunner().invoke(app, ["table", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no manifest.json here" in missing.output
+
+
+def test_terminal_table_shows_list_values(tmp_path):
+    from rich.console import Console
+
+    from experiments.table import rich_table
+
+    spec, base = resolve_base(grid_from_flags([("model.aux.heads", "[atss],[atss,fcos]")]), Schedule(), None)
+    for run in open_grid(tmp_path, spec, base):
+        update_status(run.directory, state=DONE, metrics={"AP": 0.1})
+    console = Console(width=120, record=True)
+    console.print(rich_table(load_table(tmp_path, ["AP"])))
+    text = console.export_text()
+    assert "[atss,fcos]" in text and "[atss]" in text

@@ -27,13 +27,15 @@ class DistInfo:
 def init_distributed(device: str = "") -> DistInfo:
     """Join the process group that `torchrun` describes in the environment (if any) and pick a device.
 
-    device: "" picks cuda:<local_rank> when CUDA is available, else cpu.
+    device: "" picks cuda:<local_rank> when CUDA is available, else cpu; "cuda" means cuda:<local_rank>.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device:
         chosen = torch.device(device)
+        if chosen.type == "cuda" and chosen.index is None:  # a bare "cuda": this rank's GPU
+            chosen = torch.device("cuda", local_rank)
     elif torch.cuda.is_available():
         chosen = torch.device("cuda", local_rank)
     else:
