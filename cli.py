@@ -48,13 +48,13 @@ def user_errors(command: Callable) -> Callable:
 
 
 def resolve_config(preset: str, overrides: list[str], data: Optional[Path], epochs: Optional[int]):
-    from codetr.config import apply_overrides, get_preset
+    from codetr.config import apply_overrides, epochs_overrides, get_preset
 
     extra = []
     if data is not None:
         extra.append(f"data.root={data}")
-    if epochs is not None:
-        extra.append(f"optim.epochs={epochs}")
+    if epochs is not None:  # the lr drop moves with the schedule; --set optim.lr_drop_epochs=... pins it
+        extra.extend(epochs_overrides(preset, epochs))
     return apply_overrides(get_preset(preset), extra + list(overrides))
 
 
@@ -64,7 +64,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output directory (checkpoints, log.jsonl, metrics.json)."),
     preset: str = typer.Option("tiny", "--preset", help="Config preset, see `codetr presets`."),
     data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: the generated dataset."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the preset)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Number of epochs (overrides the preset; the lr drop keeps its place in the schedule)."),
     overrides: List[str] = typer.Option([], "--set", help="Config override KEY=VALUE, repeatable."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
     device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
@@ -193,9 +193,15 @@ def ablate(
     table_console().print(rich_table(table))
     console.print(f"wrote {escape(str(grid_dir))}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
     failed = int(table.points["seeds_failed"].sum())
+    mine = table.points[table.points["label"].isin({point.label() for point in spec.points})]
+    unfinished = int((mine["seeds"] - mine["seeds_done"] - mine["seeds_failed"]).sum())
     if failed:
         console.print(f"[bold red]error:[/] {failed} run(s) failed (see the table and each run's run.log); "
                       "fix the cause and re-run with --retry-failed", highlight=False)
+    if unfinished:
+        console.print(f"[bold red]error:[/] {unfinished} run(s) were interrupted (killed by a signal?); run the "
+                      "same command again to resume them from their last checkpoint", highlight=False)
+    if failed or unfinished:
         raise typer.Exit(code=1)
 
 
@@ -256,6 +262,7 @@ def conflicts_command(
     posq: bool = typer.Option(False, "--posq", help="Also each head's positive-query branch (posq.<head>)."),
     overlays: int = typer.Option(4, "--overlays", help="CAM overlay PNGs for the first N images."),
     seed: int = typer.Option(0, "--seed", help="Seeds the auxiliary branches' sampling (image n uses seed + n)."),
+    option: List[str] = typer.Option([], "--option", help="Any CamOptions / ConflictOptions field KEY=VALUE, e.g. level_weighting=normalized, epsilon=0, levels=0,1, kl_reduction=mean; repeatable."),
     device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights even if EMA weights exist."),
 ) -> None:
@@ -265,7 +272,8 @@ def conflicts_command(
     A checkpoint without auxiliary heads is an error.
     """
     from analysis.conflict_plots import plot_conflict_matrices
-    from analysis.conflicts import ConflictOptions, analyze_checkpoint, conflict_table, write_conflicts
+    from analysis.conflicts import (ConflictOptions, analyze_checkpoint, conflict_options, conflict_table,
+                                    write_conflicts)
     from analysis.figures import save_figure
     from analysis.gradcam import CamOptions
     from analysis.labels import checkpoint_labels
@@ -277,7 +285,8 @@ def conflicts_command(
     missing = [str(path) for path in ckpt if not path.is_file()]
     if missing:
         raise CheckpointError(f"checkpoint not found: {', '.join(missing)}")
-    options = ConflictOptions(CamOptions(target=target, include_posq=posq), num_images=num_images, split=split, seed=seed)
+    options = conflict_options(option, ConflictOptions(CamOptions(target=target, include_posq=posq),
+                                                       num_images=num_images, split=split, seed=seed))
     run_device = init_distributed(device).device
     labels = checkpoint_labels(ckpt)
     results = []
@@ -288,7 +297,11 @@ def conflicts_command(
         results.append(result)
     if len(ckpt) > 1:
         save_figure(plot_conflict_matrices(results), out / "conflicts_heatmap.png")
-    console.print(f"wrote conflicts.csv, conflicts.json, conflicts_heatmap.png and overlays/ to {out}")
+        console.print(f"wrote the side-by-side {out / 'conflicts_heatmap.png'} and one folder per checkpoint "
+                      "(conflicts.csv, conflicts.json, conflicts_heatmap.png, overlays/)", soft_wrap=True, highlight=False)
+    else:
+        console.print(f"wrote conflicts.csv, conflicts.json, conflicts_heatmap.png and overlays/ to {out}",
+                      soft_wrap=True, highlight=False)
 
 
 @data_app.command("synth")

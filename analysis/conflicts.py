@@ -79,6 +79,33 @@ class ConflictOptions:
             raise ConfigError(f"kl_reduction must be one of {list(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
 
+def conflict_options(overrides: list[str], base: ConflictOptions = ConflictOptions()) -> ConflictOptions:
+    """`base` with KEY=VALUE overrides of any ConflictOptions or CamOptions field, e.g.
+    ["level_weighting=normalized", "epsilon=0", "levels=0,1"] ("none" sets an optional field to None)."""
+    import dataclasses
+    import typing
+
+    from codetr.config import parse_value
+
+    fields = {"": (ConflictOptions, {}), "cam": (CamOptions, {})}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        owner = next((name for name, (cls, _) in fields.items()
+                      if key in {f.name for f in dataclasses.fields(cls)} and key != "cam"), None)
+        if not sep or owner is None:
+            valid = sorted({f.name for cls, _ in fields.values() for f in dataclasses.fields(cls)} - {"cam"})
+            raise ConfigError(f"option {item!r}: expected KEY=VALUE with KEY one of {', '.join(valid)}")
+        annotation = typing.get_type_hints(fields[owner][0])[key]
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation):  # Optional: "none" or the inner type
+            fields[owner][1][key] = None if text.strip().lower() == "none" else parse_value(text, members[0], key)
+        else:
+            fields[owner][1][key] = parse_value(text, annotation, key)
+    cam = dataclasses.replace(base.cam, **fields["cam"][1])
+    return dataclasses.replace(base, cam=cam, **fields[""][1])
+
+
 def kl_divergence(p: Tensor, q: Tensor, epsilon: float = 1e-8, reduction: str = "sum") -> Tensor:
     """KL(P || Q) of two distributions of the same shape (each sums to 1): a scalar.
 

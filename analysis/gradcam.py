@@ -49,6 +49,7 @@ TARGETS = ("loss", "score")
 DETR_TERMS = ("all", "decoder", "last")
 RESIZE_MODES = ("bilinear", "nearest")
 LEVEL_WEIGHTINGS = ("raw", "normalized")
+LOSS_WEIGHTINGS = ("training", "raw")
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,19 @@ class CamOptions:
     """Every choice the paper leaves open about the per-head CAM (defaults in brackets).
 
     target ["loss"]: the scalar back-propagated per head.
-        "loss": the head's own training loss against the ground truth, the raw (unweighted) sum of its
-        terms: detr = `dec.*` (+ `enc.*`, see detr_terms), <head> = `aux.<head>.*`,
-        posq.<head> = `posq.<head>.*` (every decoder layer).
+        "loss": the head's own training loss against the ground truth: detr = `dec.*` (+ `enc.*`, see
+        detr_terms), <head> = `aux.<head>.*`, posq.<head> = `posq.<head>.*` (every decoder layer), its
+        terms weighted as in training (see loss_weighting).
         "score": the sum of the head's `score_topk` highest classification scores, no ground truth in the
         score itself: detr and posq.<head>: sigmoid scores of the (query, class) pairs of the last decoder
         layer (what the detector ranks its detections by); one-stage heads (ATSS, FCOS, RetinaNet, GFL,
         PAA): sigmoid scores of the (anchor, class) pairs over all five levels; Faster-RCNN: the RoI
         head's softmax foreground scores of the (RPN proposal, class) pairs (background excluded). The
         posq branches' queries still come from each head's ground-truth assignment.
+    loss_weighting ["training"]: how a head's loss terms are summed in loss mode. "training": each term
+        times its training weight inside the head (DETR: cls 2, L1 5, GIoU 2; an auxiliary head its own
+        weights). lambda1 / lambda2 scale a whole head, which the normalisation to a distribution
+        cancels, so they are left out (a lambda of 0 still gives that head a CAM). "raw": unweighted sum.
     detr_terms ["all"]: the one-to-one loss terms summed for "detr" in loss mode: "all" = every decoder
         layer + the encoder proposals (the whole one-to-one loss), "decoder" = decoder layers only,
         "last" = the last decoder layer only.
@@ -75,13 +80,14 @@ class CamOptions:
     resize_mode ["bilinear"]: how CAMs are resized to that grid ("bilinear", align_corners=False, keeps
         them non-negative; or "nearest").
     level_weighting ["raw"]: "raw" averages the resized CAMs as they are (a level with larger
-        activations x gradients weighs more); "normalized" divides each level's CAM by its sum first, so
-        every level counts equally.
+        activations x gradients weighs more); "normalized" divides each resized CAM by its sum before
+        averaging, so every level carries the same mass on the common grid.
     An all-zero combined CAM (every location clipped by the ReLU) becomes the uniform distribution; such
     heads are reported as degenerate.
     """
 
     target: str = "loss"
+    loss_weighting: str = "training"
     detr_terms: str = "all"
     include_posq: bool = False
     score_topk: int = 100
@@ -92,7 +98,8 @@ class CamOptions:
 
     def __post_init__(self) -> None:
         for name, allowed in (("target", TARGETS), ("detr_terms", DETR_TERMS), ("resize_mode", RESIZE_MODES),
-                              ("level_weighting", LEVEL_WEIGHTINGS)):
+                              ("level_weighting", LEVEL_WEIGHTINGS),
+                              ("loss_weighting", LOSS_WEIGHTINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"CamOptions.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.score_topk < 1:
@@ -122,11 +129,11 @@ def merge_levels(level_cams: list[Tensor], options: CamOptions) -> Tensor:
     resized = []
     for level in levels:
         cam = level_cams[level]
-        if options.level_weighting == "normalized":
-            cam = cam / cam.sum().clamp(min=torch.finfo(cam.dtype).tiny)
         if tuple(cam.shape) != grid:
             align = {"align_corners": False} if options.resize_mode == "bilinear" else {}
             cam = F.interpolate(cam[None, None], size=grid, mode=options.resize_mode, **align)[0, 0]
+        if options.level_weighting == "normalized":  # after resizing: upsampling multiplies a level's mass
+            cam = cam / cam.sum().clamp(min=torch.finfo(cam.dtype).tiny)
         resized.append(cam)
     return torch.stack(resized).mean(0)
 
@@ -266,10 +273,11 @@ class EncoderOutputCam(AbstractContextManager):
             chosen = (f"posq.{head.removeprefix(POSQ_PREFIX)}.",)
         else:
             chosen = (f"aux.{head}.",)
-        terms = [value for name, value in losses.items() if name.startswith(chosen)]
+        weight = self.criterion.weights.term_weight if self.options.loss_weighting == "training" else (lambda _: 1.0)
+        terms = [value.float() * weight(name) for name, value in losses.items() if name.startswith(chosen)]
         if not terms:
             raise RuntimeError(f"no loss terms for head {head!r} (prefixes {chosen})")
-        return torch.stack([t.float() for t in terms]).sum()
+        return torch.stack(terms).sum()
 
     def _score(self, head: str, outputs: DetectorOutput) -> Tensor:
         k = self.options.score_topk

@@ -3,7 +3,9 @@
 Encoder variant, the paper's feature discriminability: per encoder level j
 (strides 8..64), F_j = L2 norm over channels of the encoder output (the transformer memory cut back
 into its levels), divided by its per-image max over the valid (unpadded) cells, resized bilinearly to
-the image; D = mean over levels, in [0, 1].
+the image; D = mean over levels, in [0, 1]. A level's cell (i, j) covers the pixels [i s, (i + 1) s) x
+[j s, (j + 1) s) at stride s, so the valid cells are resized to (h_l s, w_l s) and cropped to the image:
+the last row and column of cells may overhang it (ceil(h / s) cells), and are not squeezed onto it.
 
 Decoder variant (ours; the paper has none): where the one-to-one decoder looks. The last decoder
 layer's deformable cross-attention reads each sampling point bilinearly from up to 4 encoder tokens;
@@ -61,6 +63,19 @@ def _resize(grid: Tensor, size_hw: tuple[int, int]) -> Tensor:
     return F.interpolate(grid[None, None], size=size_hw, mode="bilinear", align_corners=False)[0, 0]
 
 
+def level_strides(num_levels: int) -> tuple[int, ...]:
+    """The encoder levels' strides in input pixels: 8, 16, 32, 64 (C3..C5 and the neck's extra level)."""
+    return tuple(8 * 2**level for level in range(num_levels))
+
+
+def _level_to_image(grid: Tensor, stride: int, size_hw: tuple[int, int]) -> Tensor:
+    """A level's valid cells [h_l, w_l] at `stride` -> [h, w] image pixels: bilinear to (h_l s, w_l s),
+    then cropped to the image (cells beyond it are the overhang of ceil(h / s) cells)."""
+    height, width = size_hw
+    full = _resize(grid, (max(grid.shape[0] * stride, height), max(grid.shape[1] * stride, width)))
+    return full[:height, :width]
+
+
 def _level_grids(flat: Tensor, spatial_shapes: Tensor, padding_mask: Tensor) -> list[Tensor]:
     """flat [S] per-token values, padding_mask [S] (True = pad) -> per level the valid cells [h_l, w_l]."""
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -75,19 +90,21 @@ def _level_grids(flat: Tensor, spatial_shapes: Tensor, padding_mask: Tensor) -> 
 
 
 def encoder_discriminability(memory: Tensor, spatial_shapes: Tensor, padding_mask: Tensor,
-                             image_sizes: Tensor) -> list[Tensor]:
+                             image_sizes: Tensor, strides: Sequence[int] | None = None) -> list[Tensor]:
     """The paper's feature discriminability map D per image.
 
     memory [B, S, C] encoder output (levels flattened row-major and concatenated, see FlatFeatures);
     spatial_shapes [L, 2] (H_l, W_l); padding_mask [B, S] True = padding; image_sizes [B, 2] (h, w)
-    valid size in input pixels. Returns B maps [h_i, w_i] float32 in [0, 1].
+    valid size in input pixels; strides: per level, default level_strides(L). Returns B maps [h_i, w_i]
+    float32 in [0, 1].
     """
+    strides = strides or level_strides(len(spatial_shapes))
     norms = memory.float().norm(dim=-1)  # [B, S]: L2 over channels
     maps = []
     for image, (height, width) in enumerate(image_sizes.tolist()):
         levels = []
-        for grid in _level_grids(norms[image], spatial_shapes, padding_mask[image]):
-            levels.append(_resize(grid / grid.max().clamp_min(_NORM_EPS), (height, width)))
+        for grid, stride in zip(_level_grids(norms[image], spatial_shapes, padding_mask[image]), strides):
+            levels.append(_level_to_image(grid / grid.max().clamp_min(_NORM_EPS), stride, (height, width)))
         maps.append(torch.stack(levels).mean(0))
     return maps
 
@@ -126,14 +143,15 @@ def attention_token_mass(locations: Tensor, weights: Tensor, spatial_shapes: Ten
 
 
 def attention_density(token_mass: Tensor, spatial_shapes: Tensor, padding_mask: Tensor,
-                      image_size: tuple[int, int]) -> Tensor:
+                      image_size: tuple[int, int], strides: Sequence[int] | None = None) -> Tensor:
     """token_mass [S], padding_mask [S] True = pad -> D [h, w] in [0, 1]: the attention density per
-    pixel (mass / cell area, resized and summed over levels), divided by its max."""
+    pixel (mass / cell area, resized and summed over levels), divided by its max. strides: per level,
+    default level_strides(L)."""
     height, width = image_size
     density = torch.zeros(height, width, dtype=torch.float32, device=token_mass.device)
-    for grid in _level_grids(token_mass.float(), spatial_shapes, padding_mask):
-        cell_area = (height / grid.shape[0]) * (width / grid.shape[1])  # the valid cells tile the image
-        density += _resize(grid / cell_area, (height, width))
+    strides = strides or level_strides(len(spatial_shapes))
+    for grid, stride in zip(_level_grids(token_mass.float(), spatial_shapes, padding_mask), strides):
+        density += _level_to_image(grid / stride**2, stride, (height, width))  # mass per pixel of the cell
     return density / density.max().clamp_min(_NORM_EPS)
 
 

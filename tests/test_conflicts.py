@@ -13,8 +13,8 @@ import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
-from analysis.conflicts import (ConflictOptions, average_distance, head_conflicts, kl_divergence, pairwise_kl,
-                                write_conflicts)
+from analysis.conflicts import (ConflictOptions, average_distance, conflict_options, head_conflicts, kl_divergence,
+                                pairwise_kl, write_conflicts)
 from analysis.gradcam import CamOptions, EncoderOutputCam, merge_levels, to_distribution
 from codetr.config import apply_overrides
 from codetr.data.collate import collate
@@ -40,8 +40,17 @@ class LevelTap(nn.Module):
         return maps
 
 
-def captum_level_cams(detector, criterion, batch, loss_prefixes: tuple[str, ...], seed: int) -> list[torch.Tensor]:
-    """captum LayerGradCam of the summed raw loss terms `loss_prefixes` on each encoder level: L x [H_l, W_l]."""
+# Each head's training weights, as the released config writes them (DETR: cls 2, L1 5, GIoU 2).
+TERM_WEIGHTS = {
+    "detr": {"loss_cls": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0},
+    "atss": {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0},
+    "faster_rcnn": {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 10.0},
+}
+
+
+def captum_level_cams(detector, criterion, batch, head: str, loss_prefixes: tuple[str, ...], seed: int) -> list[torch.Tensor]:
+    """captum LayerGradCam of head's loss (terms `loss_prefixes` times TERM_WEIGHTS[head]) on each encoder
+    level: L x [H_l, W_l]."""
     model, tap = detector.model, LevelTap()
 
     def splice(module, args, output):  # memory [1, S, C] -> level maps -> tap -> memory again
@@ -53,7 +62,8 @@ def captum_level_cams(detector, criterion, batch, loss_prefixes: tuple[str, ...]
         outputs = model(images, batch.masks)
         outputs.aux = model.aux(outputs, batch.masks, batch.targets, model.transformer.decoder)
         losses = criterion(outputs, batch.targets)
-        return torch.stack([v for k, v in losses.items() if k.startswith(loss_prefixes)]).sum().reshape(1)
+        terms = [v * TERM_WEIGHTS[head][k.rsplit(".", 1)[1]] for k, v in losses.items() if k.startswith(loss_prefixes)]
+        return torch.stack(terms).sum().reshape(1)
 
     hook = model.transformer.encoder_layers[-1].register_forward_hook(splice)
     try:
@@ -74,7 +84,7 @@ def test_cam_matches_captum_layer_gradcam(co_model):
         mine = cams(batch, seed=5)
     loss_terms = {"detr": ("dec.", "enc."), "atss": ("aux.atss.",), "faster_rcnn": ("aux.faster_rcnn.",)}
     for head, prefixes in loss_terms.items():
-        reference = captum_level_cams(detector, criterion, batch, prefixes, seed=5)
+        reference = captum_level_cams(detector, criterion, batch, head, prefixes, seed=5)
         assert len(reference) == len(mine.level_cams[head]) == 4
         scale = max(float(r.max()) for r in reference)
         assert scale > 0, head  # a level may be all zero after the ReLU, but not every level
@@ -96,6 +106,18 @@ def test_distribution_of_merged_levels():
     assert not degenerate
     uniform, degenerate = to_distribution(torch.zeros(2, 3))
     assert degenerate and torch.allclose(uniform, torch.full((2, 3), 1 / 6))
+
+
+def test_normalized_level_weighting_gives_every_level_equal_mass():
+    """level_weighting="normalized": an 8x8 level and a 1x1 level each carry half the merged mass on the
+    8x8 grid (the 1x1 level upsampled is uniform 1/64 per cell); exact to 1e-6."""
+    fine = torch.zeros(8, 8)
+    fine[0, 0] = 3.0
+    merged = merge_levels([fine, torch.tensor([[5.0]])], CamOptions(level_weighting="normalized"))
+    expected = torch.full((8, 8), 0.5 / 64)
+    expected[0, 0] += 0.5
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)  # the mean of two unit-mass maps
+    torch.testing.assert_close(merged.sum(), torch.tensor(1.0), rtol=0, atol=1e-6)
 
 
 def test_kl_identical_zero_and_hand_pair():
@@ -160,6 +182,21 @@ def test_score_target_with_positive_query_branches(co_model):
     assert torch.isfinite(result.matrix).all() and torch.all(result.matrix.diagonal() == 0)
     # each target is a sum of 20 probabilities
     assert torch.all(result.targets > 0) and torch.all(result.targets <= 20)
+
+
+def test_conflict_options_from_key_value_strings():
+    """`codetr conflicts --option KEY=VALUE` reaches every CamOptions / ConflictOptions field, typed."""
+    base = ConflictOptions(CamOptions(target="score"), num_images=7)
+    options = conflict_options(["level_weighting=normalized", "levels=0,2", "epsilon=0", "kl_reduction=mean",
+                                "loss_weighting=raw"], base)
+    assert options.cam == CamOptions(target="score", level_weighting="normalized", levels=(0, 2), loss_weighting="raw")
+    assert (options.num_images, options.epsilon, options.kl_reduction) == (7, 0.0, "mean")
+    assert conflict_options(["levels=none"], options).cam.levels is None
+    from codetr.errors import ConfigError
+    for bad, says in (("colour=red", "level_weighting"), ("epsilon=abc", "expected a number"),
+                      ("resize_mode=cubic", "resize_mode"), ("target", "KEY=VALUE")):
+        with pytest.raises(ConfigError, match=says):
+            conflict_options([bad])
 
 
 def codetr(*args, env: dict) -> subprocess.CompletedProcess:

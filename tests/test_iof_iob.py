@@ -99,15 +99,27 @@ def test_encoder_discriminability_on_a_hand_made_memory():
     memory = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [0.0, 2.0], [6.0, 8.0], [1.0, 0.0]]])
     shapes = torch.tensor([[2, 2], [1, 1]])
     no_padding = torch.zeros(1, 5, dtype=torch.bool)
-    (d,) = encoder_discriminability(memory, shapes, no_padding, torch.tensor([[2, 2]]))
+    (d,) = encoder_discriminability(memory, shapes, no_padding, torch.tensor([[2, 2]]), strides=(1, 2))
     # level 0 divided by its max 10 (a 2x2 -> 2x2 resize is the identity), level 1 is 1 everywhere
     torch.testing.assert_close(d, torch.tensor([[0.75, 0.5], [0.6, 1.0]]), rtol=0, atol=1e-6)
 
     # the right column of level 0 is padding (its value 100 must not be the max): valid image 2x1
     memory[0, 1] = memory[0, 3] = torch.tensor([60.0, 80.0])
     padding = torch.tensor([[False, True, False, True, False]])
-    (d,) = encoder_discriminability(memory, shapes, padding, torch.tensor([[2, 1]]))
+    (d,) = encoder_discriminability(memory, shapes, padding, torch.tensor([[2, 1]]), strides=(1, 2))
     torch.testing.assert_close(d, torch.tensor([[1.0], [0.7]]), rtol=0, atol=1e-6)  # ([5, 2] / 5 + 1) / 2
+
+
+def test_coarse_cells_overhang_the_image_instead_of_being_squeezed():
+    """Image 1x3 px, one level of stride 2 with ceil(3 / 2) = 2 valid cells, norms 1 and 3 (max 3): the
+    cells cover pixels [0, 2) and [2, 4), so the map is the 1x4 bilinear upsampling cropped to 3 pixels.
+    Upsampling 2 -> 4 (align_corners=False) samples the cells at -0.25 (clamped), 0.25, 0.75, 1.25:
+    [1, .75 + .25 * 3, .25 + .75 * 3] / 3 = [1/3, 1/2, 5/6]. Squeezing both cells onto 3 pixels would give
+    [1/3, 2/3, 1]."""
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # [B=1, S=2, C=2]
+    (d,) = encoder_discriminability(memory, torch.tensor([[1, 2]]), torch.zeros(1, 2, dtype=torch.bool),
+                                    torch.tensor([[1, 3]]), strides=(2,))
+    torch.testing.assert_close(d, torch.tensor([[1 / 3, 1 / 2, 5 / 6]]), rtol=0, atol=1e-6)
 
 
 def test_bilinear_splat_is_the_gradient_of_grid_sample():
@@ -130,7 +142,8 @@ def test_bilinear_splat_is_the_gradient_of_grid_sample():
 def test_attention_density_hand_made():
     # image 2x2: level 0 (2x2, cells of 1 px) has mass 2 on its top-left cell; level 1 (1x1, 4 px) mass 4
     mass = torch.tensor([2.0, 0.0, 0.0, 0.0, 4.0])
-    density = attention_density(mass, torch.tensor([[2, 2], [1, 1]]), torch.zeros(5, dtype=torch.bool), (2, 2))
+    density = attention_density(mass, torch.tensor([[2, 2], [1, 1]]), torch.zeros(5, dtype=torch.bool), (2, 2),
+                                strides=(1, 2))
     torch.testing.assert_close(density, torch.tensor([[1.0, 1 / 3], [1 / 3, 1 / 3]]), rtol=0, atol=1e-6)  # [[3,1],[1,1]]/3
 
 

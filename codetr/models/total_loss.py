@@ -37,13 +37,17 @@ class LossWeights:
         self.lambda1, self.lambda2 = effective_lambdas(cfg)
 
     def __call__(self, name: str) -> float:
+        group = name.split(".")[0]
+        head_factor = {"aux": self.lambda1, "posq": self.lambda2}.get(group, 1.0)
+        return head_factor * self.term_weight(name)
+
+    def term_weight(self, name: str) -> float:
+        """The term's weight inside its own head's loss, without lambda1 / lambda2."""
         group, *_, term = name.split(".")
-        if group in ("dec", "enc"):
+        if group in ("dec", "enc", "posq"):
             return self.type_weights[term]
         if group == "aux":
-            return self.lambda1 * self.aux_head_weights[name.split(".")[1]][term]
-        if group == "posq":
-            return self.lambda2 * self.type_weights[term]
+            return self.aux_head_weights[name.split(".")[1]][term]
         raise KeyError(name)
 
 
