@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetr.config import Config, apply_overrides, get_preset
+from codetr.config import Config, apply_overrides, epochs_overrides, get_preset
 from codetr.errors import ConfigError
 from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_grid, product_points
 from experiments.launchers import LaunchOptions, check_options, launch, runs_to_execute
@@ -32,9 +32,9 @@ class Schedule:
     max_iters: int = DEFAULT_MAX_ITERS
     checkpoint_every: int | None = None  # None: 25 on a capped schedule, 1000 on full epochs
 
-    def overrides(self) -> list[str]:
+    def overrides(self, preset: str) -> list[str]:
         every = self.checkpoint_every if self.checkpoint_every is not None else (25 if self.max_iters > 0 else 1000)
-        return [f"optim.epochs={self.epochs}", f"train.max_iters_per_epoch={self.max_iters}",
+        return [*epochs_overrides(preset, self.epochs), f"train.max_iters_per_epoch={self.max_iters}",
                 f"train.checkpoint_every={every}", "train.keep_epoch_checkpoints=false"]
 
 
@@ -66,7 +66,7 @@ def resolve_base(spec: GridSpec, schedule: Schedule, data: Path | None) -> tuple
     """The config every point starts from: preset, data, schedule, then the grid's own --set overrides.
     Returns a copy of the spec whose overrides are all of those (the manifest records them)."""
     extra = [f"data.root={data}"] if data is not None else []
-    spec = dataclasses.replace(spec, overrides=extra + schedule.overrides() + spec.overrides)
+    spec = dataclasses.replace(spec, overrides=extra + schedule.overrides(spec.preset) + spec.overrides)
     return spec, apply_overrides(get_preset(spec.preset), spec.overrides)
 
 

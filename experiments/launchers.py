@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codetr.errors import ConfigError
-from experiments.store import DONE, FAILED, RunRecord, is_locked, read_status, update_status
+from experiments.store import DONE, FAILED, PENDING, RunRecord, is_locked, read_status, update_status
 
 LAUNCHERS = ("local", "parallel", "slurm")
 
@@ -146,11 +146,21 @@ def run_processes(runs: list[RunRecord], options: LaunchOptions, progress: "Grid
 
 
 def _record_exit(run: RunRecord, returncode: int) -> None:
-    """A child that died without recording its end (killed, out of memory, a crash) is a failed run;
-    one that found the run executing elsewhere (LOCK_BUSY_EXIT) changes nothing."""
+    """Record how a child ended when it could not record it itself.
+
+    Killed by a signal (returncode -N: kill -9, the out-of-memory killer, a stray Ctrl-C): the run was
+    interrupted, not wrong, so it goes back to pending and the next `codetr ablate` resumes it from its
+    last checkpoint. Any other non-zero exit without a recorded end (a crash) is a failed run. A child that
+    found the run executing elsewhere (LOCK_BUSY_EXIT) changes nothing.
+    """
     from experiments.worker import LOCK_BUSY_EXIT
 
-    if returncode not in (0, LOCK_BUSY_EXIT) and read_status(run.directory)["state"] not in (DONE, FAILED):
+    if returncode in (0, LOCK_BUSY_EXIT) or read_status(run.directory)["state"] in (DONE, FAILED):
+        return
+    if returncode < 0:
+        update_status(run.directory, state=PENDING,
+                      error=f"interrupted by signal {-returncode}; the next `codetr ablate` resumes it")
+    else:
         update_status(run.directory, state=FAILED, error=f"worker exited with code {returncode} (see run.log)",
                       finished=time.time())
 

@@ -7,7 +7,8 @@ A grid parameter is either a short name for one of the paper's knobs or any dott
     num_convs    model.aux.num_convs               stacked convs in the one-stage auxiliary heads (0..5)
     aux_heads    model.aux.heads                   K and which heads: `atss+faster_rcnn`, `none` for K=0
     num_queries  model.num_queries                 one-to-one queries
-    epochs       optim.epochs
+    epochs       optim.epochs                      with the lr drop at the preset's place in the schedule
+                                                   (12 epochs dropping after 11 -> 36 dropping after 33)
     lr           optim.lr
 
 Values are given as text (`0.25`, `atss+faster_rcnn`, `[224,256]`) and parsed by the config's own typed
@@ -15,7 +16,7 @@ parser, so a bad value fails before any run starts.
 """
 from __future__ import annotations
 
-from codetr.config import Config, apply_overrides, valid_keys
+from codetr.config import Config, apply_overrides, epochs_overrides, valid_keys
 from codetr.errors import ConfigError
 
 SHORT_NAMES: dict[str, str] = {
@@ -55,8 +56,18 @@ def override_text(name: str, value: str, cfg: Config) -> str:
 
 
 def point_overrides(point: dict[str, str], cfg: Config) -> list[str]:
-    """The overrides of a grid point (parameter name -> value text), in the point's order."""
-    return [override_text(name, value, cfg) for name, value in point.items()]
+    """The overrides of a grid point (parameter name -> value text), in the point's order. An epochs
+    value also moves the lr drop (epochs_overrides), unless the point sets optim.lr_drop_epochs itself."""
+    overrides = [override_text(name, value, cfg) for name, value in point.items()]
+    keys = [item.split("=", 1)[0] for item in overrides]
+    if "optim.epochs" in keys and "optim.lr_drop_epochs" not in keys:
+        epochs_text = overrides[keys.index("optim.epochs")].split("=", 1)[1]
+        try:
+            epochs = int(epochs_text)
+        except ValueError:
+            raise ConfigError(f"optim.epochs={epochs_text!r}: expected an integer") from None
+        overrides[keys.index("optim.epochs"):keys.index("optim.epochs") + 1] = epochs_overrides(cfg.preset, epochs)
+    return overrides
 
 
 def check_point(point: dict[str, str], base: Config) -> Config:

@@ -146,8 +146,10 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
 
     A re-opened grid must have the same base config (hash); points and seeds may be added, and the
     manifest keeps the earlier ones (and their baseline). With `allow_changed_base`, the new base is
-    recorded, and runs whose resolved config changed are moved aside to `<run>.stale-<old hash>` (never
-    deleted); a run moved aside earlier with exactly the new config comes back.
+    recorded, and every run of the grid (this invocation's and the manifest's earlier points and seeds)
+    whose resolved config changed is moved aside to `<run>.stale-<old hash>` (never deleted) and starts
+    over as pending; a run moved aside earlier with exactly the new config comes back. So the table never
+    mixes runs of two base configs.
     """
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
@@ -164,6 +166,12 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
     merged = GridSpec(points=points, seeds=spec.seeds)
     baseline = spec.baseline or (manifest or {}).get("baseline") or default_baseline(points, base)
     runs = [_prepare_run(root, point, seed, spec, base) for point in spec.points for seed in spec.seeds]
+    if manifest is not None and manifest["base"]["hash"] != base_summary["hash"]:
+        mine = {(run_name(p, seed)) for p in spec.points for seed in spec.seeds}
+        for point in points:  # the earlier points and seeds are re-based too (their runs wait for a re-run)
+            for seed in manifest.get("seeds", []):
+                if run_name(point, seed) not in mine and (root / run_name(point, seed)).exists():
+                    _prepare_run(root, point, seed, spec, base)
     atomic_write_json(manifest_path, {  # written last: it describes runs that exist
         "version": __version__,
         "created": (manifest or {}).get("created", time.time()),

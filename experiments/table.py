@@ -141,7 +141,7 @@ def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list
         cells = [str(row[name]) + (" *" if row["is_baseline"] and name == table.params[-1] else "") for name in table.params]
         cells += [_percent(row[f"{m}_mean"], row[f"{m}_std"], pm) for m in table.metrics]
         delta = row[f"delta_{primary}"]
-        cells.append("0" if row["is_baseline"] else _signed_percent(delta))
+        cells.append(("0" if row["seeds_done"] else "-") if row["is_baseline"] else _signed_percent(delta))
         if has_paper:
             cells.append("-" if pd.isna(row["paper"]) else f"{row['paper']:.1f}")
         cells.append("-" if math.isnan(row["sec_per_iter"]) else f"{row['sec_per_iter']:.2f}")
@@ -157,7 +157,7 @@ def footnote(table: GridTable) -> str:
         note += f" * baseline ({table.baseline_label}); Δ is against it."
     failed = table.points[table.points["errors"] != ""]
     for _, row in failed.iterrows():
-        note += f"\nfailed at {row['label']}: {row['errors']}"
+        note += f"\n{'failed' if row['seeds_failed'] else 'interrupted'} at {row['label']}: {row['errors']}"
     return note
 
 
@@ -169,17 +169,26 @@ def to_markdown(table: GridTable) -> str:
     return "\n".join(lines + ["", footnote(table)]) + "\n"
 
 
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "{": r"\{",
+                  "}": r"\}", "$": r"\$", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
+                  "Δ": r"$\Delta$", "±": r"$\pm$"}
+
+
 def _latex_escape(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
-        text = text.replace(char, escaped)
-    return text.replace("Δ", r"$\Delta$").replace("±", r"$\pm$")
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def _latex_row(cells: list[str]) -> str:
+    # "{}" first: a row starting with "[" (e.g. [atss,fcos]) would be read as the optional argument of
+    # the preceding \\ or \midrule
+    return "{}" + " & ".join(_latex_escape(c) for c in cells) + r" \\"
 
 
 def to_latex(table: GridTable) -> str:
     header, rows = display_rows(table)
     lines = [r"\begin{tabular}{" + "l" * len(table.params) + "r" * (len(header) - len(table.params)) + "}", r"\toprule",
-             " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join(_latex_escape(c) for c in cells) + r" \\" for cells in rows]
+             _latex_row(header), r"\midrule"]
+    lines += [_latex_row(cells) for cells in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 

@@ -66,8 +66,20 @@ def test_repo_specs_are_valid():
         spec, _ = load_spec(path)
         spec, base = resolve_base(spec, Schedule(), None)
         check_grid(spec, base)
-    lambdas, _ = load_spec(specs[[s.stem for s in specs].index("supp_table2_lambdas")])
-    assert len(lambdas.points) == 7 and sum(p.paper for p in lambdas.points) == pytest.approx(324.6)
+    # the paper's numbers, point by point (../shared/reference/codetr-facts.md)
+    expected = {
+        "supp_table1_num_convs": [({"num_convs": str(n)}, ap) for n, ap in
+                                  enumerate([41.8, 42.3, 41.9, 42.1, 42.3, 42.0])],
+        "supp_table2_lambdas": [({"lambda1": l1, "lambda2": l2}, ap) for l1, l2, ap in
+                                [("0.25", "2", 46.2), ("0.5", "2", 46.6), ("1", "2", 46.8), ("2", "2", 46.1),
+                                 ("1", "1", 46.1), ("1", "3", 46.5), ("1", "4", 46.3)]],
+        "k_ablation": [({"aux_heads": "none"}, 37.1), ({"aux_heads": "atss"}, 42.3),
+                       ({"aux_heads": "atss+faster_rcnn"}, 42.9), ({"aux_heads": "atss+faster_rcnn+paa"}, None),
+                       ({"aux_heads": "atss+faster_rcnn+paa+retinanet+fcos+gfl"}, None)],
+    }
+    for name, points in expected.items():
+        spec, _ = load_spec(specs[[s.stem for s in specs].index(name)])
+        assert [(p.values, p.paper) for p in spec.points] == points, name
 
 
 def test_run_names_are_canonical_safe_and_distinct():
@@ -131,6 +143,50 @@ def test_changed_base_is_refused_unless_allowed(tmp_path):
     open_grid(tmp_path, spec, base, allow_changed_base=True)
     assert (tmp_path / "lambda1=1__seed0" / "metrics.json").exists()
     assert len(list(tmp_path.glob("lambda1=1__seed0.stale-*"))) == 1
+
+
+def test_epochs_knob_moves_the_lr_drop_with_the_schedule():
+    """co_tiny drops after 10 of 12 epochs: 36 epochs drop after 30, 6 after 5; the R50 1x recipe (11 of 12)
+    becomes 33 of 36; an explicit lr_drop_epochs in the point wins; the default 1-epoch schedule never drops."""
+    from experiments.params import check_point
+
+    spec, base = resolve_base(grid_from_flags([("epochs", "36,6")]), Schedule(), None)
+    assert (base.optim.epochs, base.optim.lr_drop_epochs) == (1, (1,))
+    got = [check_point(p.values, base).optim for p in spec.points]
+    assert [(o.epochs, o.lr_drop_epochs) for o in got] == [(36, (30,)), (6, (5,))]
+    pinned = check_point({"epochs": "36", "optim.lr_drop_epochs": "[27,33]"}, base).optim
+    assert pinned.lr_drop_epochs == (27, 33)
+    _, r50 = resolve_base(GridSpec(points=[GridPoint({})], preset="co_deformable_detr_r50_1x"), Schedule(epochs=36), None)
+    assert (r50.optim.epochs, r50.optim.lr_drop_epochs) == (36, (33,))
+
+
+def test_changed_base_rebases_the_earlier_points_too(tmp_path):
+    """A changed base run on one point must not leave the other points' old-base results in the table."""
+    spec, base = resolve_base(grid_from_flags([("lambda1", "0.5,1")]), Schedule(), None)
+    for run in open_grid(tmp_path, spec, base):
+        update_status(run.directory, state=DONE, metrics={"AP": 0.1})
+    spec2, base2 = resolve_base(grid_from_flags([("lambda1", "0.5")], overrides=["optim.lr=1e-3"]), Schedule(), None)
+    open_grid(tmp_path, spec2, base2, allow_changed_base=True)
+    manifest, runs = grid_runs(tmp_path)
+    assert [r.name for r in runs] == ["lambda1=0.5__seed0", "lambda1=1__seed0"]
+    for run in runs:  # both re-based: pending, with the new base's config; the old results kept aside
+        assert read_status(run.directory)["state"] == "pending"
+        assert json.loads((run.directory / "run.json").read_text())["config"]["optim"]["lr"] == 1e-3
+    assert len(list(tmp_path.glob("lambda1=1__seed0.stale-*"))) == 1
+
+
+def test_a_worker_killed_by_a_signal_is_interrupted_not_failed(tmp_path):
+    from experiments.launchers import _record_exit
+
+    spec, base = resolve_base(grid_from_flags([("lambda1", "0.5,1")]), Schedule(), None)
+    killed, crashed = open_grid(tmp_path, spec, base)
+    for run in (killed, crashed):
+        update_status(run.directory, state="running")
+    _record_exit(killed, -9)  # SIGKILL, e.g. the out-of-memory killer: resumable
+    _record_exit(crashed, 1)  # died without recording why: failed
+    assert read_status(killed.directory)["state"] == "pending"
+    assert "signal 9" in read_status(killed.directory)["error"]
+    assert read_status(crashed.directory)["state"] == FAILED
 
 
 def test_extending_a_grid_keeps_its_points_baseline_and_columns(tmp_path):
@@ -233,7 +289,7 @@ def test_table_mean_std_delta_by_hand(tmp_path):
     assert "failed at lambda1=2: TrainingError: non-finite loss" in markdown
 
     latex = render(table, "latex")
-    assert r"0.5 & 41.00 $\pm$ 1.41 & 61.00 $\pm$ 1.41 & -5.00 & 46.6 & 2.00 & 1000 & 2/2 \\" in latex
+    assert "\n{}0.5 & 41.00 $\\pm$ 1.41 & 61.00 $\\pm$ 1.41 & -5.00 & 46.6 & 2.00 & 1000 & 2/2 \\\\\n" in latex
     assert latex.startswith(r"\begin{tabular}{lrrrrrrr}") and r"$\Delta$AP" in latex
 
     lines = to_csv(table).splitlines()
@@ -273,3 +329,8 @@ def test_terminal_table_shows_list_values(tmp_path):
     console.print(rich_table(load_table(tmp_path, ["AP"])))
     text = console.export_text()
     assert "[atss,fcos]" in text and "[atss]" in text
+    # LaTeX: "{}" keeps a leading "[" from being read as \\[...]; special characters are escaped
+    latex = render(load_table(tmp_path, ["AP"]), "latex")
+    assert "\n{}[atss] * & 10.00 &" in latex and "\n{}[atss,fcos] & 10.00 &" in latex
+    from experiments.table import _latex_escape
+    assert _latex_escape("a_{b}^$~%&#\\") == r"a\_\{b\}\textasciicircum{}\$\textasciitilde{}\%\&\#\textbackslash{}"
