@@ -16,6 +16,8 @@ parser, so a bad value fails before any run starts.
 """
 from __future__ import annotations
 
+import difflib
+
 from codetr.config import Config, apply_overrides, epochs_overrides, valid_keys
 from codetr.errors import ConfigError
 
@@ -36,11 +38,14 @@ def config_key(name: str, cfg: Config) -> str:
     """The dotted config key of a parameter name; an unknown name lists what is valid."""
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]
-    if name in valid_keys(cfg):
+    keys = valid_keys(cfg)
+    if name in keys:
         return name
+    close = difflib.get_close_matches(name, [*SHORT_NAMES, *keys], n=3, cutoff=0.6)
     raise ConfigError(
-        f"unknown grid parameter {name!r}; valid: the short names {', '.join(SHORT_NAMES)} "
-        f"or any config key (see `codetr config`), e.g. model.aux.lambda1"
+        f"unknown grid parameter {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+        + f"; valid: the short names {', '.join(SHORT_NAMES)} or any config key (see `codetr config`), "
+        "e.g. model.aux.lambda1"
     )
 
 

@@ -86,12 +86,12 @@ def execute_run(run_dir: Path, device: str = "") -> bool:
         if rank == 0:
             if not metrics:  # finished earlier, only the status was lost: reuse the written evaluation
                 metrics = {k: v for k, v in read_json(run_dir / "metrics.json", {}).items() if isinstance(v, float)}
-            # the peak of this process; an earlier, interrupted attempt's peak is kept when larger
-            peak = max(peak_memory_mb(trainer.device), previous.get("peak_mem_mb") or 0.0)
+            # the peak of this attempt's process (an interrupted attempt never recorded its own)
+            peak = peak_memory_mb(trainer.device)
             update_status(
                 run_dir, state=DONE, finished=time.time(), metrics=metrics,
                 sec_per_iter=seconds_per_iteration(run_dir / "log.jsonl"), peak_mem_mb=peak,
-                wall_s=previous.get("wall_s", 0.0) + time.time() - started,
+                wall_s=time.time() - started,  # this attempt's
             )
         return True
 

@@ -105,7 +105,8 @@ def test_default_baseline_is_the_unchanged_point():
 
 
 @pytest.mark.parametrize("params, message", [
-    ([("lamda1", "1,2")], "unknown grid parameter 'lamda1'; valid: the short names lambda1, lambda2"),
+    ([("lamda1", "1,2")], "unknown grid parameter 'lamda1' (did you mean lambda1, lambda2?); valid: the short names lambda1, lambda2"),
+    ([("model.aux.num_conv", "1")], "(did you mean model.aux.num_convs"),
     ([("lambda1", "0.5,abc")], "lambda1=abc: model.aux.lambda1='abc': expected a number"),
     ([("aux_heads", "atss+yolo")], "model.aux.heads"),
     ([("num_convs", "1,9")], "num_convs=9: model.aux.num_convs=9: expected 0..5"),
