@@ -21,8 +21,9 @@ from codetr.models.detector import DeformableDETR, DetectorOutput
 from codetr.models.transformer import Decoder
 
 
-def build_aux_head(kind: str, num_classes: int, in_channels: int, num_convs: int) -> nn.Module:
-    """One auxiliary head by its kind (the names of AuxConfig.heads)."""
+def build_aux_head(kind: str, num_classes: int, in_channels: int, cfg: AuxConfig) -> nn.Module:
+    """One auxiliary head by its kind (the names of AuxConfig.heads), sized by `cfg` (num_convs, ...)."""
+    num_convs = cfg.num_convs
     if kind == "atss":
         from codetr.models.co_detr.heads.atss import ATSSHead
 
@@ -46,7 +47,7 @@ def build_aux_head(kind: str, num_classes: int, in_channels: int, num_convs: int
     if kind == "faster_rcnn":
         from codetr.models.co_detr.heads.faster_rcnn import FasterRCNNHead
 
-        return FasterRCNNHead(num_classes, in_channels)
+        return FasterRCNNHead(num_classes, in_channels, fc_channels=cfg.rcnn_fc_channels)
     raise ValueError(f"unknown auxiliary head kind {kind!r}")
 
 
@@ -82,7 +83,7 @@ class CollaborativeBranches(nn.Module):
         self.cfg = cfg
         self.names = head_names(cfg.heads)
         self.feature_maps = AuxFeatureMaps(d_model)
-        self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg.num_convs) for k in cfg.heads)
+        self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg) for k in cfg.heads)
         self.query_embeddings = nn.ModuleList(PositiveQueryEmbedding(d_model, cfg.content_feature) for _ in cfg.heads)
         # The released R50 model has a per-head scalar (an nn.Embedding(K, 1) made by accident); "vector"
         # is the intended per-head embedding [K, d_model].

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+from codetr.models.co_detr.roi_align import roi_align
 
 from codetr.box_ops import elementwise_generalized_box_iou
 from codetr.models.co_detr.assigners import MaxIoUAssigner, RandomSampler
