@@ -56,7 +56,8 @@ class ConflictOptions:
     epsilon [1e-8]: KL(P || Q) = sum_x P(x) (log(P(x) + eps) - log(Q(x) + eps)), finite for any Q.
     kl_reduction ["sum"]: "sum" is the KL divergence; "mean" divides it by the number of grid cells (what
         torch's F.kl_div(reduction="mean") returns; the paper's magnitudes, ~0.006-0.009, may come from
-        such a per-element mean).
+        such a per-element mean). Images of different sizes have grids of different sizes, so under
+        "mean" a larger image weighs less in S_ij.
     seed [0]: image number n (0-based, in the order used) seeds the branches' sampling with seed + n.
     """
 
