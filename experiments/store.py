@@ -167,7 +167,7 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
     baseline = spec.baseline or (manifest or {}).get("baseline") or default_baseline(points, base)
     runs = [_prepare_run(root, point, seed, spec, base) for point in spec.points for seed in spec.seeds]
     if manifest is not None and manifest["base"]["hash"] != base_summary["hash"]:
-        mine = {(run_name(p, seed)) for p in spec.points for seed in spec.seeds}
+        mine = {run_name(p, seed) for p in spec.points for seed in spec.seeds}
         for point in points:  # the earlier points and seeds are re-based too (their runs wait for a re-run)
             for seed in manifest.get("seeds", []):
                 if run_name(point, seed) not in mine and (root / run_name(point, seed)).exists():
