@@ -11,7 +11,7 @@ from experiments.ablate import Schedule, grid_from_flags, parse_baseline, resolv
 from experiments.grid import GridPoint, GridSpec, check_grid, default_baseline, load_spec, product_points, run_name
 from experiments.params import override_text, split_values
 from experiments.store import DONE, FAILED, GridLock, LockBusy, RunLock, grid_runs, open_grid, read_status, update_status
-from experiments.table import load_table, render, to_csv
+from experiments.table import load_table, render, to_csv, write_results
 
 # -- expansion ---------------------------------------------------------------------------------
 
@@ -335,3 +335,25 @@ def test_terminal_table_shows_list_values(tmp_path):
     assert "\n{}[atss] * & 10.00 &" in latex and "\n{}[atss,fcos] & 10.00 &" in latex
     from experiments.table import _latex_escape
     assert _latex_escape("a_{b}^$~%&#\\") == r"a\_\{b\}\textasciicircum{}\$\textasciitilde{}\%\&\#\textbackslash{}"
+
+
+def test_plot_series_for_a_product_of_two_params(tmp_path):
+    """A full product with a numeric first parameter plots one line per value of the second; an explicit
+    list of pairs (the paper's lambda table) and a single parameter plot one line."""
+    from experiments.plots import product_series
+
+    def table_of(spec):
+        spec, base = resolve_base(spec, Schedule(), None)
+        folder = tmp_path / spec.name
+        for run in open_grid(folder, spec, base):
+            update_status(run.directory, state=DONE, metrics={"AP": 0.1})
+        table = load_table(folder, ["AP"])
+        write_results(folder, table)  # the plot renders
+        return table
+
+    product = table_of(grid_from_flags([("lambda1", "0.5,1"), ("num_convs", "0,1,2")]))
+    assert product_series(product) == [("num_convs=0", [0, 3]), ("num_convs=1", [1, 4]), ("num_convs=2", [2, 5])]
+    pairs = GridSpec(points=[GridPoint({"lambda1": "1", "lambda2": "2"}), GridPoint({"lambda1": "0.5", "lambda2": "2"}),
+                             GridPoint({"lambda1": "1", "lambda2": "1"})], name="pairs")
+    assert product_series(table_of(pairs)) is None
+    assert product_series(table_of(grid_from_flags([("lambda1", "0.5,1")]))) is None
