@@ -193,14 +193,14 @@ def ablate(
     table_console().print(rich_table(table))
     console.print(f"wrote {escape(str(grid_dir))}/results.csv, results.md, results.tex and plot_<metric>.png", soft_wrap=True)
     failed = int(table.points["seeds_failed"].sum())
-    mine = table.points[table.points["label"].isin({point.label() for point in spec.points})]
-    unfinished = int((mine["seeds"] - mine["seeds_done"] - mine["seeds_failed"]).sum())
+    unfinished = len(table.unfinished)
     if failed:
         console.print(f"[bold red]error:[/] {failed} run(s) failed (see the table and each run's run.log); "
                       "fix the cause and re-run with --retry-failed", highlight=False)
     if unfinished:
-        console.print(f"[bold red]error:[/] {unfinished} run(s) were interrupted (killed by a signal?); run the "
-                      "same command again to resume them from their last checkpoint", highlight=False)
+        console.print(f"[bold red]error:[/] {unfinished} run(s) did not finish ({escape(', '.join(table.unfinished))}): "
+                      "killed by a signal, or running elsewhere; run the same command again to resume them from "
+                      "their last checkpoint", highlight=False, soft_wrap=True)
     if failed or unfinished:
         raise typer.Exit(code=1)
 

@@ -221,12 +221,17 @@ PRESETS: dict[str, Callable[[], Config]] = {
 }
 
 
-def epochs_overrides(preset: str, epochs: int) -> list[str]:
-    """`optim.epochs=N` with the preset's lr drops kept at the same fraction of the schedule (rounded
-    down, at least 1): the 1x recipe's 12 epochs dropping after 11 become 36 dropping after 33. An
-    `optim.lr_drop_epochs=...` override given after these pins the drops instead."""
+def scaled_lr_drops(preset: str, epochs: int) -> tuple[int, ...]:
+    """The preset's lr drops kept at the same fraction of an `epochs`-long schedule (rounded down, at
+    least 1): the 1x recipe's 12 epochs dropping after 11 become 36 dropping after 33."""
     recipe = get_preset(preset).optim
-    drops = sorted({max(1, drop * epochs // recipe.epochs) for drop in recipe.lr_drop_epochs})
+    return tuple(sorted({max(1, drop * epochs // recipe.epochs) for drop in recipe.lr_drop_epochs}))
+
+
+def epochs_overrides(preset: str, epochs: int) -> list[str]:
+    """`optim.epochs=N` and the lr drops of `scaled_lr_drops`. An `optim.lr_drop_epochs=...` override given
+    after these pins the drops instead."""
+    drops = scaled_lr_drops(preset, epochs)
     return [f"optim.epochs={epochs}", "optim.lr_drop_epochs=[" + ",".join(map(str, drops)) + "]"]
 
 

@@ -14,7 +14,7 @@ from codetr.errors import ConfigError
 from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_grid, product_points
 from experiments.launchers import LaunchOptions, check_options, launch, runs_to_execute
 from experiments.params import split_values
-from experiments.store import GridLock, open_grid
+from experiments.store import DONE, FAILED, GridLock, open_grid
 from experiments.table import GridTable, load_table, write_results
 
 
@@ -94,4 +94,6 @@ def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: 
         launch(todo, options, out, show_progress=show_progress)
         table = load_table(out, metrics)
         write_results(out, table)
+    # interrupted (killed by a signal) or still running elsewhere: not done, not failed
+    table.unfinished = [run.name for run in todo if run.status()["state"] not in (DONE, FAILED)]
     return table

@@ -25,6 +25,7 @@ from codetr.errors import ConfigError
 from experiments.store import DONE, FAILED, PENDING, RunRecord, is_locked, read_status, update_status
 
 LAUNCHERS = ("local", "parallel", "slurm")
+MAX_KILLED_ATTEMPTS = 3  # a run killed by a signal this often is failed, not interrupted
 
 
 @dataclass
@@ -150,16 +151,21 @@ def _record_exit(run: RunRecord, returncode: int) -> None:
 
     Killed by a signal (returncode -N: kill -9, the out-of-memory killer, a stray Ctrl-C): the run was
     interrupted, not wrong, so it goes back to pending and the next `codetr ablate` resumes it from its
-    last checkpoint. Any other non-zero exit without a recorded end (a crash) is a failed run. A child that
-    found the run executing elsewhere (LOCK_BUSY_EXIT) changes nothing.
+    last checkpoint; killed in MAX_KILLED_ATTEMPTS attempts, it is failed. Any other non-zero exit without
+    a recorded end (a crash; under torchrun also a killed rank) is a failed run. A child that found the run
+    executing elsewhere (LOCK_BUSY_EXIT) changes nothing.
     """
     from experiments.worker import LOCK_BUSY_EXIT
 
     if returncode in (0, LOCK_BUSY_EXIT) or read_status(run.directory)["state"] in (DONE, FAILED):
         return
-    if returncode < 0:
+    attempts = read_status(run.directory).get("attempts", 0)
+    if returncode < 0 and attempts < MAX_KILLED_ATTEMPTS:
         update_status(run.directory, state=PENDING,
                       error=f"interrupted by signal {-returncode}; the next `codetr ablate` resumes it")
+    elif returncode < 0:  # e.g. the out-of-memory killer, every time
+        update_status(run.directory, state=FAILED, finished=time.time(),
+                      error=f"killed by signal {-returncode} in {attempts} attempts (out of memory?)")
     else:
         update_status(run.directory, state=FAILED, error=f"worker exited with code {returncode} (see run.log)",
                       finished=time.time())

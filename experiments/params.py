@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 
-from codetr.config import Config, apply_overrides, epochs_overrides, valid_keys
+from codetr.config import Config, apply_overrides, epochs_overrides, scaled_lr_drops, valid_keys
 from codetr.errors import ConfigError
 
 SHORT_NAMES: dict[str, str] = {
@@ -62,10 +62,12 @@ def override_text(name: str, value: str, cfg: Config) -> str:
 
 def point_overrides(point: dict[str, str], cfg: Config) -> list[str]:
     """The overrides of a grid point (parameter name -> value text), in the point's order. An epochs
-    value also moves the lr drop (epochs_overrides), unless the point sets optim.lr_drop_epochs itself."""
+    value also moves the lr drop (epochs_overrides), unless the point sets optim.lr_drop_epochs itself
+    or the base pinned it (its drops are not the ones its own epochs would get)."""
     overrides = [override_text(name, value, cfg) for name, value in point.items()]
     keys = [item.split("=", 1)[0] for item in overrides]
-    if "optim.epochs" in keys and "optim.lr_drop_epochs" not in keys:
+    pinned = tuple(cfg.optim.lr_drop_epochs) != scaled_lr_drops(cfg.preset, cfg.optim.epochs)
+    if "optim.epochs" in keys and "optim.lr_drop_epochs" not in keys and not pinned:
         epochs_text = overrides[keys.index("optim.epochs")].split("=", 1)[1]
         try:
             epochs = int(epochs_text)

@@ -165,8 +165,12 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
     points = _merge_points(manifest, spec)
     merged = GridSpec(points=points, seeds=spec.seeds)
     baseline = spec.baseline or (manifest or {}).get("baseline") or default_baseline(points, base)
+    rebase = manifest is not None and manifest["base"]["hash"] != base_summary["hash"]
+    if rebase:  # every earlier point must be valid under the new base before anything is moved
+        for point in points:
+            check_point(point.values, base)
     runs = [_prepare_run(root, point, seed, spec, base) for point in spec.points for seed in spec.seeds]
-    if manifest is not None and manifest["base"]["hash"] != base_summary["hash"]:
+    if rebase:
         mine = {run_name(p, seed) for p in spec.points for seed in spec.seeds}
         for point in points:  # the earlier points and seeds are re-based too (their runs wait for a re-run)
             for seed in manifest.get("seeds", []):

@@ -11,7 +11,7 @@ Files written into the grid folder:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +36,7 @@ class GridTable:
     title: str
     paper_metric: str
     baseline_label: str | None
+    unfinished: list[str] = field(default_factory=list)  # runs that the last `ablate` started and did not finish
 
 
 def check_metrics(names: list[str]) -> list[str]:

@@ -91,6 +91,35 @@ def test_sigkill_mid_run_then_rerun_resumes_with_identical_results(reference_gri
     assert final_metrics(out) == final_metrics(reference_grid[0])  # exact: resume is deterministic
 
 
+def test_a_run_killed_by_a_signal_is_resumed_by_the_next_ablate(reference_grid, synth_root, tmp_path):
+    """kill -9 of one run's worker (as the out-of-memory killer would): the grid finishes the other run,
+    exits 1 naming the unfinished one, and the next `ablate` resumes it to the uninterrupted results."""
+    out = tmp_path / "grid"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    grid = subprocess.Popen(ablate_command(synth_root, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    first = out / "lambda1=0.5__seed0"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until the first run has checkpointed (iteration 2) and logged iteration 3
+        log = first / "log.jsonl"
+        if log.exists() and sum('"time"' in line for line in log.read_text().splitlines()) >= 3:
+            break
+        assert grid.poll() is None, "the grid finished before its worker could be killed"
+        time.sleep(0.05)
+    os.kill(read_status(first)["pid"], signal.SIGKILL)
+    stdout, stderr = grid.communicate(timeout=600)
+    assert grid.returncode == 1, stderr
+    assert "1 run(s) did not finish (lambda1=0.5__seed0)" in stderr
+    assert read_status(first)["state"] == "pending" and "signal 9" in read_status(first)["error"]
+    assert read_status(out / "lambda1=1__seed0")["state"] == "done"
+
+    rerun = subprocess.run(ablate_command(synth_root, out), capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 to run, skipping 1 done" in rerun.stderr
+    assert read_status(first)["state"] == "done" and read_status(first)["attempts"] == 2
+    assert final_metrics(out) == final_metrics(reference_grid[0])  # resumed from its checkpoint, exactly
+
+
 def test_failing_run_is_recorded_and_the_others_finish(synth_root, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("points:\n  - {lambda1: 1}\n  - {lambda1: 1, model.backbone.pretrained: /nonexistent/r18.pth}\n")

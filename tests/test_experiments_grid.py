@@ -157,6 +157,11 @@ def test_epochs_knob_moves_the_lr_drop_with_the_schedule():
     assert [(o.epochs, o.lr_drop_epochs) for o in got] == [(36, (30,)), (6, (5,))]
     pinned = check_point({"epochs": "36", "optim.lr_drop_epochs": "[27,33]"}, base).optim
     assert pinned.lr_drop_epochs == (27, 33)
+    # a drop pinned in the grid's base (--set) stays; the point equal to the base is the base
+    spec, base = resolve_base(grid_from_flags([("epochs", "6,12")], overrides=["optim.lr_drop_epochs=[2]"]),
+                              Schedule(epochs=6), None)
+    assert [check_point(p.values, base).optim.lr_drop_epochs for p in spec.points] == [(2,), (2,)]
+    assert check_point(spec.points[0].values, base).hash() == base.hash()
     _, r50 = resolve_base(GridSpec(points=[GridPoint({})], preset="co_deformable_detr_r50_1x"), Schedule(epochs=36), None)
     assert (r50.optim.epochs, r50.optim.lr_drop_epochs) == (36, (33,))
 
@@ -188,6 +193,10 @@ def test_a_worker_killed_by_a_signal_is_interrupted_not_failed(tmp_path):
     assert read_status(killed.directory)["state"] == "pending"
     assert "signal 9" in read_status(killed.directory)["error"]
     assert read_status(crashed.directory)["state"] == FAILED
+    update_status(killed.directory, state="running", attempts=3)  # killed in every one of 3 attempts
+    _record_exit(killed, -9)
+    assert read_status(killed.directory)["state"] == FAILED
+    assert "in 3 attempts" in read_status(killed.directory)["error"]
 
 
 def test_extending_a_grid_keeps_its_points_baseline_and_columns(tmp_path):

@@ -48,6 +48,17 @@ def test_float32_one_by_one_map_and_no_rois():
     assert separable_roi_align(features, rois[:0], 7, 0.25).shape == (0, 4, 7, 7)
 
 
+def test_autocast_keeps_the_features_precision():
+    """Under CPU bf16 autocast, like torchvision's kernel: float32 in, float32 out, to 1e-5."""
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 6, 10, 12, generator=generator)
+    rois = random_rois(30, 2, generator, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, reference = roi_align(features, rois, 7, 0.25), torchvision_roi_align(features, rois, 7, 0.25, 0, True)
+    assert ours.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
 def test_large_maps_use_the_torchvision_kernel():
     generator = torch.Generator().manual_seed(1)
     side = int(MAX_DENSE_CELLS**0.5) + 1

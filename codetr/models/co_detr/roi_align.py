@@ -36,7 +36,9 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
     height, width = features.shape[-2:]
     if features.is_cuda or height * width > MAX_DENSE_CELLS:
         return torchvision_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-    return separable_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    # like torchvision's kernel under autocast: computed in the features' own precision (not bf16)
+    with torch.autocast(features.device.type, enabled=False):
+        return separable_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
 
 def separable_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
@@ -44,7 +46,8 @@ def separable_roi_align(features: Tensor, rois: Tensor, output_size: int, spatia
     """RoIAlign as Wy @ F @ Wx^T (see the module docstring); any device, any map size."""
     height, width = features.shape[-2:]
     dtype = torch.promote_types(features.dtype, torch.float32)  # bf16 would round pixel positions
-    boxes = rois[:, 1:].to(dtype) * spatial_scale - (0.5 if aligned else 0.0)
+    # no gradient w.r.t. the boxes, as with the kernel
+    boxes = rois[:, 1:].detach().to(dtype) * spatial_scale - (0.5 if aligned else 0.0)
     start, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]  # (x, y) per RoI
     if not aligned:
         extent = extent.clamp(min=1.0)

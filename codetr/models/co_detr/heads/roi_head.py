@@ -57,8 +57,8 @@ def multilevel_roi_align(
             continue
         level_rois = rois[index]
         if not torch.is_autocast_enabled(x.device.type):
-            # the kernel wants one dtype; under autocast torchvision runs it in float32 by itself, which
-            # keeps pixel coordinates exact (bf16 would round 1000 px to a multiple of 8)
+            # torchvision's kernel wants one dtype; under autocast the RoIs stay float32 (both kernels
+            # compute positions in float32 then), as bf16 would round 1000 px to a multiple of 8
             level_rois = level_rois.to(x.dtype)
         pooled.append(roi_align(x, level_rois, output_size, 1.0 / stride, sampling_ratio=0, aligned=True))
         order.append(index)
