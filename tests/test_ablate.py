@@ -28,6 +28,15 @@ def final_metrics(grid_dir):
     return {run.name: run.status()["metrics"] for run in runs}
 
 
+def wait_until_logged(run_dir, iterations: int, grid: subprocess.Popen, deadline: float) -> None:
+    """Wait until the run's log.jsonl has `iterations` iteration records, while the grid still runs."""
+    log = run_dir / "log.jsonl"
+    while not (log.exists() and sum('"time"' in line for line in log.read_text().splitlines()) >= iterations):
+        assert grid.poll() is None, "the grid finished before the run could be killed"
+        assert time.time() < deadline, f"{run_dir} did not log {iterations} iterations in time"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def reference_grid(synth_root, tmp_path_factory):
     """The uninterrupted 2-point grid (and its CLI output)."""
@@ -63,13 +72,7 @@ def test_sigkill_mid_run_then_rerun_resumes_with_identical_results(reference_gri
                             env=env, start_new_session=True)
     second = out / "lambda1=1__seed0"
     deadline = time.time() + 300
-    # wait until the second run has checkpointed mid-epoch (iteration 2 of 4) and logged iteration 3
-    while time.time() < deadline:
-        log = second / "log.jsonl"
-        if log.exists() and sum('"time"' in line for line in log.read_text().splitlines()) >= 3:
-            break
-        assert grid.poll() is None, "the grid finished before it could be killed"
-        time.sleep(0.05)
+    wait_until_logged(second, 3, grid, deadline)  # it checkpointed mid-epoch (iteration 2 of 4)
     os.kill(grid.pid, signal.SIGKILL)
     grid.wait()
     while is_locked(second):  # the worker notices its parent died and exits
@@ -99,13 +102,7 @@ def test_a_run_killed_by_a_signal_is_resumed_by_the_next_ablate(reference_grid, 
     grid = subprocess.Popen(ablate_command(synth_root, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     first = out / "lambda1=0.5__seed0"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # until the first run has checkpointed (iteration 2) and logged iteration 3
-        log = first / "log.jsonl"
-        if log.exists() and sum('"time"' in line for line in log.read_text().splitlines()) >= 3:
-            break
-        assert grid.poll() is None, "the grid finished before its worker could be killed"
-        time.sleep(0.05)
+    wait_until_logged(first, 3, grid, time.time() + 300)  # it checkpointed mid-epoch (iteration 2 of 4)
     os.kill(read_status(first)["pid"], signal.SIGKILL)
     stdout, stderr = grid.communicate(timeout=600)
     assert grid.returncode == 1, stderr
