@@ -88,23 +88,18 @@ def conflict_options(overrides: list[str], base: ConflictOptions = ConflictOptio
 
     from codetr.config import parse_value
 
-    fields = {"": (ConflictOptions, {}), "cam": (CamOptions, {})}
+    types = {cls: typing.get_type_hints(cls) for cls in (ConflictOptions, CamOptions)}
+    types[ConflictOptions].pop("cam")
+    changes: dict[type, dict] = {ConflictOptions: {}, CamOptions: {}}
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        owner = next((name for name, (cls, _) in fields.items()
-                      if key in {f.name for f in dataclasses.fields(cls)} and key != "cam"), None)
+        key, sep, text = (part.strip() for part in item.partition("="))
+        owner = next((cls for cls, hints in types.items() if key in hints), None)
         if not sep or owner is None:
-            valid = sorted({f.name for cls, _ in fields.values() for f in dataclasses.fields(cls)} - {"cam"})
+            valid = sorted(name for hints in types.values() for name in hints)
             raise ConfigError(f"option {item!r}: expected KEY=VALUE with KEY one of {', '.join(valid)}")
-        annotation = typing.get_type_hints(fields[owner][0])[key]
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if type(None) in typing.get_args(annotation):  # Optional: "none" or the inner type
-            fields[owner][1][key] = None if text.strip().lower() == "none" else parse_value(text, members[0], key)
-        else:
-            fields[owner][1][key] = parse_value(text, annotation, key)
-    cam = dataclasses.replace(base.cam, **fields["cam"][1])
-    return dataclasses.replace(base, cam=cam, **fields[""][1])
+        changes[owner][key] = parse_value(text, types[owner][key], key)
+    cam = dataclasses.replace(base.cam, **changes[CamOptions])
+    return dataclasses.replace(base, cam=cam, **changes[ConflictOptions])
 
 
 def kl_divergence(p: Tensor, q: Tensor, epsilon: float = 1e-8, reduction: str = "sum") -> Tensor:

@@ -283,7 +283,12 @@ def _parse_scalar(text: str, kind: type, key: str) -> Any:
 
 
 def parse_value(text: str, annotation: Any, key: str) -> Any:
-    """Parse `text` into a value of the field type `annotation` (scalars, tuples and lists)."""
+    """Parse `text` into a value of the field type `annotation` (scalars, tuples and lists; for an
+    optional type `X | None`, "none" is None)."""
+    members = typing.get_args(annotation)
+    if type(None) in members:
+        (inner,) = [m for m in members if m is not type(None)]
+        return None if text.strip().lower() == "none" else parse_value(text, inner, key)
     origin = typing.get_origin(annotation)
     if origin in (tuple, list):
         (item_type, *_) = typing.get_args(annotation)

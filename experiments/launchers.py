@@ -157,9 +157,10 @@ def _record_exit(run: RunRecord, returncode: int) -> None:
     """
     from experiments.worker import LOCK_BUSY_EXIT
 
-    if returncode in (0, LOCK_BUSY_EXIT) or read_status(run.directory)["state"] in (DONE, FAILED):
+    status = read_status(run.directory)
+    if returncode in (0, LOCK_BUSY_EXIT) or status["state"] in (DONE, FAILED):
         return
-    attempts = read_status(run.directory).get("attempts", 0)
+    attempts = status.get("attempts", 0)
     if returncode < 0 and attempts < MAX_KILLED_ATTEMPTS:
         update_status(run.directory, state=PENDING,
                       error=f"interrupted by signal {-returncode}; the next `codetr ablate` resumes it")

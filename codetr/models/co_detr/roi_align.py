@@ -44,19 +44,19 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: f
 def separable_roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
                         sampling_ratio: int = 0, aligned: bool = True) -> Tensor:
     """RoIAlign as Wy @ F @ Wx^T (see the module docstring); any device, any map size."""
-    height, width = features.shape[-2:]
+    channels, height, width = features.shape[1:]
+    size = output_size
+    if len(rois) == 0:
+        return features.new_zeros(0, channels, size, size)
     dtype = torch.promote_types(features.dtype, torch.float32)  # bf16 would round pixel positions
     # no gradient w.r.t. the boxes, as with the kernel
     boxes = rois[:, 1:].detach().to(dtype) * spatial_scale - (0.5 if aligned else 0.0)
     start, extent = boxes[:, :2], boxes[:, 2:] - boxes[:, :2]  # (x, y) per RoI
     if not aligned:
         extent = extent.clamp(min=1.0)
-    weights_x = axis_weights(start[:, 0], extent[:, 0], output_size, width, sampling_ratio)  # [K, S, W]
-    weights_y = axis_weights(start[:, 1], extent[:, 1], output_size, height, sampling_ratio)  # [K, S, H]
+    weights_x = axis_weights(start[:, 0], extent[:, 0], size, width, sampling_ratio)  # [K, S, W]
+    weights_y = axis_weights(start[:, 1], extent[:, 1], size, height, sampling_ratio)  # [K, S, H]
     image = rois[:, 0].long()
-    channels, size = features.shape[1], output_size
-    if len(rois) == 0:
-        return features.new_zeros(0, channels, size, size)
     pooled_per_image, order = [], []
     for b in image.unique().tolist():
         index = (image == b).nonzero().squeeze(1)
@@ -82,7 +82,7 @@ def axis_weights(start: Tensor, extent: Tensor, size: int, length: int, sampling
         samples = torch.full_like(extent, sampling_ratio, dtype=torch.long)
     else:
         samples = torch.ceil(extent / size).long().clamp(min=0)  # ceil(roi / S): adaptive
-    most = max(int(samples.max()), 1) if len(samples) else 1
+    most = max(int(samples.max()), 1)
     p = torch.arange(size, device=start.device, dtype=start.dtype)[None, :, None]
     i = torch.arange(most, device=start.device, dtype=start.dtype)[None, None, :]
     per_sample = (bin_size / samples.clamp(min=1))[:, None, None]
