@@ -7,7 +7,9 @@ the image; D = mean over levels, in [0, 1]. A level's cell (i, j) covers the pix
 [j s, (j + 1) s) at stride s, so the valid cells are resized to (h_l s, w_l s) and cropped to the image:
 the last row and column of cells may overhang it (ceil(h / s) cells), and are not squeezed onto it.
 
-Decoder variant (ours; the paper has none): where the one-to-one decoder looks. The last decoder
+Decoder variant (the paper's Fig. 2 and Sec. 3.4 also draw IoF-IoB curves of the decoder's attention,
+without saying how attention becomes a map; this construction is ours): where the one-to-one decoder
+looks. The last decoder
 layer's deformable cross-attention reads each sampling point bilinearly from up to 4 encoder tokens;
 we spread each point's attention weight onto those tokens with exactly the bilinear weights
 `grid_sample` uses (so a token gets the share of attention it contributes to the output), for the

@@ -104,3 +104,13 @@ def scale_boxes(boxes_cxcywh_norm: Tensor, sizes_hw: Tensor) -> Tensor:
     height, width = sizes_hw.to(boxes_xyxy_norm.dtype).unbind(-1)
     scale = torch.stack((width, height, width, height), dim=-1)  # [B, 4]
     return boxes_xyxy_norm * scale[:, None, :]
+
+
+def clip_boxes(boxes_xyxy_abs: Tensor, sizes_hw: Tensor) -> Tensor:
+    """Clamp absolute xyxy boxes [B, Q, 4] to their image: x to [0, width], y to [0, height].
+
+    sizes_hw [B, 2] holds each image's (height, width) in pixels.
+    """
+    height, width = sizes_hw.to(boxes_xyxy_abs.dtype).unbind(-1)
+    upper = torch.stack((width, height, width, height), dim=-1)[:, None, :]  # [B, 1, 4]
+    return torch.minimum(boxes_xyxy_abs.clamp(min=0), upper)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from codetr.config import AUX_HEAD_KINDS, apply_overrides, get_preset
+from codetr.config import AUX_HEAD_KINDS, apply_overrides, config_from_dict, get_preset
+from codetr.errors import ConfigError
 from codetr.data.collate import Batch
 from codetr.engine.optim import build_optimizer
 from codetr.engine.train import train_step
@@ -21,7 +22,8 @@ SMALL = ["model.num_queries=10", "model.num_detections=10", "model.transformer.n
 
 
 def co_cfg(*overrides):
-    return apply_overrides(get_preset("co_tiny"), [*SMALL, *overrides])
+    """Deformable-DETR++ with K=2 (ATSS + Faster-RCNN), small."""
+    return apply_overrides(get_preset("co_tiny_pp"), [*SMALL, *overrides])
 
 
 def batch(seed: int = 0):
@@ -119,7 +121,7 @@ def test_loss_names_cover_every_branch_and_layer():
     assert all(torch.isfinite(v) for v in raw.values())
 
 
-@pytest.mark.parametrize("which, prefix", [("lambda1", "aux."), ("lambda2", "posq.")])
+@pytest.mark.parametrize("which, prefix", [("lambda1", "posq."), ("lambda2", "aux.")])
 def test_doubling_a_lambda_doubles_exactly_its_part_of_the_loss(which, prefix):
     _, crit_a, raw_a = raw_losses(co_cfg())
     _, crit_b, raw_b = raw_losses(co_cfg(f"model.aux.{which}={2 * getattr(co_cfg().model.aux, which)}"))
@@ -131,15 +133,73 @@ def test_doubling_a_lambda_doubles_exactly_its_part_of_the_loss(which, prefix):
     assert torch.allclose(total_b - total_a, part, rtol=1e-5)  # float32 sums
 
 
-def test_released_weighting_reads_the_official_config():
-    weights = LossWeights(co_cfg("model.aux.weighting=released").model, {"atss": {"loss_bbox": 2.0}})
-    layers = 2
-    assert weights("aux.atss.loss_bbox") == pytest.approx(layers * 2.0 * 2.0)  # L * lambda2 * head weight
-    assert weights("posq.atss.d0.loss_giou") == pytest.approx(1.0 * 2.0)  # lambda1 * giou weight
+def test_total_loss_is_eq6_computed_by_hand():
+    """Eq. 6 with K = 2 heads and L = 6 decoder layers, for known raw terms:
+    L = sum_l ( L~dec_l + lambda1 * sum_i L^dec_{i,l} + lambda2 * L^enc ), at lambda1 = 0.5, lambda2 = 3.
+    Within a branch, DETR-style terms weigh focal 2 / L1 5 / GIoU 2; the heads' own weights are the
+    released config's bases (ATSS focal 1, GIoU 2, centerness 1; RPN BCE 1, L1 1; RoI CE 1, GIoU 10)."""
+    cfg = apply_overrides(get_preset("co_deformable_detr_r50_1x"), ["model.aux.lambda1=0.5", "model.aux.lambda2=3"])
+    head_weights = {"atss": {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0},
+                    "faster_rcnn": {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 10.0}}
+    detr = {"loss_cls": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    raw, value = {}, 0.0
+    for name in [f"dec.d{l}.{t}" for l in range(6) for t in detr] + [f"enc.{t}" for t in detr] + \
+            [f"posq.{h}.d{l}.{t}" for h in head_weights for l in range(6) for t in detr] + \
+            [f"aux.{h}.{t}" for h, terms in head_weights.items() for t in terms]:
+        value += 0.125  # distinct raw values, exact in float32
+        raw[name] = torch.tensor(value)
+    one_to_one = sum(float(raw[f"dec.d{l}.{t}"]) * w for l in range(6) for t, w in detr.items())
+    proposals = sum(float(raw[f"enc.{t}"]) * w for t, w in detr.items())
+    per_layer_posq = [sum(float(raw[f"posq.{h}.d{l}.{t}"]) * w for h in head_weights for t, w in detr.items())
+                      for l in range(6)]
+    l_enc = sum(float(raw[f"aux.{h}.{t}"]) * w for h, terms in head_weights.items() for t, w in terms.items())
+    expected = one_to_one + proposals + sum(0.5 * posq + 3.0 * l_enc for posq in per_layer_posq)
+    torch.manual_seed(0)
+    model = build_detector(apply_overrides(cfg, ["model.backbone.depth=18"]).model, num_classes=80)
+    assert model.aux_loss_weights() == head_weights  # the heads declare the released base weights
+    total, _ = weighted_total(raw, LossWeights(cfg.model, head_weights))
+    assert total.item() == pytest.approx(expected, rel=1e-6)  # float32 sum of ~100 terms
+
+
+def test_auxiliary_heads_weigh_l_times_lambda2_as_the_released_config():
+    """The released config's effective weights (facts sheet: num_dec_layer 6 x lambda_2 2.0): RPN BCE 12,
+    RPN L1 12, RoI CE 12, RoI GIoU 120, ATSS focal 12, GIoU 24, centerness 12; positive queries focal 2,
+    L1 5, GIoU 2 (lambda_1 = 1)."""
+    cfg = get_preset("co_deformable_detr_r50_1x")
+    head_weights = {"atss": {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0},
+                    "faster_rcnn": {"loss_rpn_cls": 1.0, "loss_rpn_bbox": 1.0, "loss_cls": 1.0, "loss_bbox": 10.0}}
+    weights = LossWeights(cfg.model, head_weights)
+    released = {"aux.faster_rcnn.loss_rpn_cls": 12, "aux.faster_rcnn.loss_rpn_bbox": 12, "aux.faster_rcnn.loss_cls": 12,
+                "aux.faster_rcnn.loss_bbox": 120, "aux.atss.loss_cls": 12, "aux.atss.loss_bbox": 24,
+                "aux.atss.loss_centerness": 12, "posq.atss.d5.loss_cls": 2, "posq.faster_rcnn.d0.loss_bbox": 5,
+                "posq.atss.d3.loss_giou": 2, "dec.d5.loss_cls": 2, "enc.loss_bbox": 5}
+    assert {name: weights(name) for name in released} == pytest.approx(released)
+
+
+def test_the_removed_weighting_key_fails_with_what_changed():
+    with pytest.raises(ConfigError, match="model.aux.weighting was removed: lambda1 now weighs the positive queries"):
+        co_cfg("model.aux.weighting=released")
+
+
+def test_old_stored_configs_migrate_to_the_same_loss():
+    """A config stored by an older codetr with weighting=paper applied lambda1 to the heads and lambda2 to
+    the positive queries; it is read with the same effective weights, and weighting=released as is."""
+    stored = co_cfg().to_dict()
+    stored["model"].pop("two_stage"), stored["model"].pop("with_box_refine")
+    stored["model"]["aux"].update(weighting="paper", lambda1=0.5, lambda2=2.0)
+    with pytest.warns(UserWarning, match="read as lambda1=2, lambda2=0.25"):
+        migrated = config_from_dict(stored)
+    layers = migrated.model.transformer.num_decoder_layers
+    assert layers == 2
+    assert (migrated.model.aux.lambda1, migrated.model.aux.lambda2) == (2.0, 0.25)  # posq 2, heads 2 x 0.25 = 0.5
+    assert migrated.model.two_stage and migrated.model.with_box_refine  # older codetr was always ++
+    stored["model"]["aux"].update(weighting="released", lambda1=0.5, lambda2=2.0)
+    released = config_from_dict(stored)
+    assert (released.model.aux.lambda1, released.model.aux.lambda2) == (0.5, 2.0)
 
 
 def test_no_aux_heads_is_exactly_the_baseline():
-    baseline_cfg = apply_overrides(get_preset("tiny"), SMALL)
+    baseline_cfg = apply_overrides(get_preset("tiny_pp"), SMALL)
     empty_cfg = co_cfg("model.aux.heads=[]")
     base_model, _, base_raw = raw_losses(baseline_cfg)
     empty_model, _, empty_raw = raw_losses(empty_cfg)

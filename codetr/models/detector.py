@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codetr.box_ops import scale_boxes
+from codetr.box_ops import clip_boxes, scale_boxes
 from codetr.config import ModelConfig
 from codetr.models.backbone import ResNetBackbone
 from codetr.models.neck import ChannelMapper
@@ -25,7 +25,8 @@ class DetectorOutput:
 
     pred_logits / pred_boxes: the last decoder layer, [B, Q, num_classes] logits and [B, Q, 4] cxcywh
     boxes normalised to each image's valid region. `layers` holds every decoder layer (the last too)
-    for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals [B, S, *].
+    for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals [B, S, *] (two-stage
+    only, else None).
     `memory` / `feats` are the encoder output and its layout, for the auxiliary branches and analyses.
     """
 
@@ -40,7 +41,8 @@ class DetectorOutput:
 
 
 class DeformableDETR(nn.Module):
-    """Deformable-DETR (two-stage, box refine, mixed selection, look forward twice)."""
+    """Deformable-DETR: plain, or with any of two-stage, box refine, mixed selection, look forward twice
+    (all four: the paper's Deformable-DETR++)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
@@ -60,6 +62,8 @@ class DeformableDETR(nn.Module):
             dropout=t.dropout,
             num_levels=t.num_levels,
             num_points=t.num_points,
+            two_stage=cfg.two_stage,
+            with_box_refine=cfg.with_box_refine,
             mixed_selection=cfg.mixed_selection,
             look_forward_twice=cfg.look_forward_twice,
         )
@@ -85,8 +89,8 @@ class DeformableDETR(nn.Module):
             pred_logits=decoded.logits[-1],
             pred_boxes=decoded.boxes[-1],
             layers=layers,
-            enc_logits=proposals.logits,
-            enc_boxes=proposals.boxes,
+            enc_logits=proposals.logits if proposals is not None else None,
+            enc_boxes=proposals.boxes if proposals is not None else None,
             memory=memory,
             feats=feats,
         )
@@ -97,7 +101,8 @@ class DeformableDETR(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: DetectorOutput, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """Top-k (query, class) pairs by sigmoid score, no NMS.
+        """Top-k (query, class) pairs by sigmoid score, no NMS; boxes clipped to the image, as the released
+        head does before rescaling.
 
         orig_sizes: [B, 2] (h, w) of the original images. Returns per image {scores [k], labels [k]
         (contiguous), boxes [k, 4] xyxy in original-image pixels}.
@@ -109,6 +114,7 @@ class DeformableDETR(nn.Module):
         query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
         labels = flat_index % num_classes
         boxes = scale_boxes(torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4)), orig_sizes)
+        boxes = clip_boxes(boxes, orig_sizes)
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
 
 

@@ -1,11 +1,20 @@
 """The total training loss: the one place every loss weight, lambda1 and lambda2 included, is applied.
 
-    L = L_dec + lambda1 * sum_i L_aux_i + lambda2 * sum_i sum_l L_posq_{i,l}        (Co-DETR, Eq. 6)
+The paper's Eq. 6 (Co-DETR, Sec. 3.3), with L decoder layers and K auxiliary heads:
+
+    L_global = sum_{l=1}^{L} ( L~dec_l + lambda1 * sum_{i=1}^{K} L^dec_{i,l} + lambda2 * L^enc ),
+    L^enc = sum_{i=1}^{K} L^enc_i                                                  (Eq. 3)
+
+L~dec_l is the one-to-one (Hungarian) loss of decoder layer l, L^dec_{i,l} the loss of head i's
+customized positive queries at layer l, L^enc_i head i's own one-to-many loss. lambda1 weighs the
+positive queries; lambda2 * L^enc sits inside the sum over layers, so an auxiliary head's effective
+weight is L * lambda2 (6 x 2.0 = 12 with the defaults: the released config's loss weights). The
+two-stage encoder proposals' loss (a part of the one-to-one baseline) has weight 1.
 
 Raw terms are named (see codetr/models/criterion.py):
-    dec.d{l}.<type>, enc.<type>     the one-to-one head (decoder layer l, encoder proposals): L_dec
-    aux.<head>.<term>               auxiliary head i's own one-to-many losses: L_aux_i
-    posq.<head>.d{l}.<type>         head i's positive queries through decoder layer l: L_posq_{i,l}
+    dec.d{l}.<type>, enc.<type>     the one-to-one head (decoder layer l, encoder proposals): L~dec_l
+    aux.<head>.<term>               auxiliary head i's own one-to-many losses: L^enc_i
+    posq.<head>.d{l}.<type>         head i's positive queries through decoder layer l: L^dec_{i,l}
 A term of type loss_cls / loss_bbox / loss_giou weighs cls_weight / bbox_weight / giou_weight (2, 5, 2);
 an auxiliary head's term weighs that head's own weight for it (e.g. ATSS loss_bbox 2.0).
 """
@@ -17,14 +26,10 @@ from torch import Tensor
 from codetr.config import ModelConfig
 
 
-def effective_lambdas(cfg: ModelConfig) -> tuple[float, float]:
-    """(lambda1, lambda2) as applied. weighting="released" reproduces the official config, which folds
-    num_decoder_layers * 2.0 into the auxiliary heads and weighs the positive queries 1.0: with its
-    (swapped) names that is lambda1_eff = L * lambda2 and lambda2_eff = lambda1."""
-    aux = cfg.aux
-    if aux.weighting == "released":
-        return cfg.transformer.num_decoder_layers * aux.lambda2, aux.lambda1
-    return aux.lambda1, aux.lambda2
+def branch_factors(cfg: ModelConfig) -> dict[str, float]:
+    """Eq. 6's factor on each group of terms: {"dec", "enc": 1, "posq": lambda1, "aux": L * lambda2}."""
+    layers = cfg.transformer.num_decoder_layers
+    return {"dec": 1.0, "enc": 1.0, "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
 
 
 class LossWeights:
@@ -34,12 +39,10 @@ class LossWeights:
         self.type_weights = {"loss_cls": cfg.loss.cls_weight, "loss_bbox": cfg.loss.bbox_weight,
                              "loss_giou": cfg.loss.giou_weight}
         self.aux_head_weights = aux_head_weights or {}
-        self.lambda1, self.lambda2 = effective_lambdas(cfg)
+        self.factors = branch_factors(cfg)
 
     def __call__(self, name: str) -> float:
-        group = name.split(".")[0]
-        head_factor = {"aux": self.lambda1, "posq": self.lambda2}.get(group, 1.0)
-        return head_factor * self.term_weight(name)
+        return self.factors[name.split(".")[0]] * self.term_weight(name)
 
     def term_weight(self, name: str) -> float:
         """The term's weight inside its own head's loss, without lambda1 / lambda2."""

@@ -159,52 +159,66 @@ class DecoderOutput:
     hidden: list[Tensor]  # per layer [B, Q, C]
 
 
-class Decoder(nn.Module):
-    """Decoder layers with iterative box refinement and 'look forward twice'.
+def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
+    """A box branch's output [.., 4] (logit space) applied to a reference [.., 4] cxcywh or [.., 2] (x, y)
+    in [0, 1]: a 2-d reference point moves the centre and the size comes from the delta alone."""
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    return torch.cat((delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]), -1).sigmoid()
 
-    Each layer refines its input reference boxes with its own box branch. The next layer receives the
-    refined box detached (so layers do not co-adapt through the reference); the loss of layer l sees
-    its box computed from the NON-detached refinement of layer l-1, so its gradient also reaches the
-    previous layer's box branch ("look forward twice", from H-DETR / DINO).
+
+class Decoder(nn.Module):
+    """Decoder layers, with iterative box refinement and "look forward twice" as options.
+
+    with_box_refine: each layer refines its input reference with its own box branch; the next layer
+    receives the refined box detached (so layers do not co-adapt through the reference). Without it,
+    every layer predicts relative to the same reference, and the class and box branches are one module
+    shared by all layers (as in Deformable-DETR).
+    look_forward_twice (refine only): the loss of layer l sees its box computed from the NON-detached
+    refinement of layer l-1, so its gradient also reaches the previous layer's box branch (H-DETR / DINO).
     """
 
-    def __init__(self, layer: DecoderLayer, num_layers: int, num_classes: int, look_forward_twice: bool = True) -> None:
+    def __init__(self, layer: DecoderLayer, num_layers: int, num_classes: int, look_forward_twice: bool = True,
+                 with_box_refine: bool = True) -> None:
         super().__init__()
         d_model = layer.norm1.normalized_shape[0]
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        # Independent (not shared) class and box branches per layer.
-        self.class_branches = nn.ModuleList(class_branch(d_model, num_classes) for _ in range(num_layers))
-        self.box_branches = nn.ModuleList(box_branch(d_model) for _ in range(num_layers))
-        self.look_forward_twice = look_forward_twice
+        if with_box_refine:  # independent branches per layer
+            self.class_branches = nn.ModuleList(class_branch(d_model, num_classes) for _ in range(num_layers))
+            self.box_branches = nn.ModuleList(box_branch(d_model) for _ in range(num_layers))
+        else:  # one module, listed once per layer
+            self.class_branches = nn.ModuleList([class_branch(d_model, num_classes)] * num_layers)
+            self.box_branches = nn.ModuleList([box_branch(d_model)] * num_layers)
+        self.with_box_refine = with_box_refine
+        self.look_forward_twice = look_forward_twice and with_box_refine
 
     def forward(
         self,
         query: Tensor,
         query_pos: Tensor,
-        reference_boxes: Tensor,
+        reference: Tensor,
         memory: Tensor,
         feats: FlatFeatures,
         self_attn_mask: Tensor | None = None,
     ) -> DecoderOutput:
-        """query, query_pos: [B, Q, C]; reference_boxes: [B, Q, 4] cxcywh in [0, 1], detached."""
+        """query, query_pos: [B, Q, C]; reference: [B, Q, 4] cxcywh or [B, Q, 2] (x, y), in [0, 1] of the
+        valid region (two-stage proposals and positive-query boxes arrive detached; learned reference
+        points do not, so the box loss trains them)."""
         out = DecoderOutput([], [], [])
         x = query
-        ref_detached = reference_boxes
-        ref_for_loss = reference_boxes
-        ratios = torch.cat((feats.valid_ratios, feats.valid_ratios), -1)[:, None]  # [B, 1, L, 4]
+        ref_input = reference  # what the layer samples around (detached after the first refinement)
+        ref_for_loss = reference
         for index, layer in enumerate(self.layers):
-            x = layer(x, query_pos, ref_detached[:, :, None] * ratios, memory, feats, self_attn_mask)
+            ratios = feats.valid_ratios if ref_input.shape[-1] == 2 else feats.valid_ratios.repeat(1, 1, 2)
+            x = layer(x, query_pos, ref_input[:, :, None] * ratios[:, None], memory, feats, self_attn_mask)
             delta = self.box_branches[index](x)
-            refined = (delta + inverse_sigmoid(ref_detached)).sigmoid()
-            if self.look_forward_twice:
-                boxes = (delta + inverse_sigmoid(ref_for_loss)).sigmoid()
-            else:
-                boxes = refined
-            out.boxes.append(boxes)
+            out.boxes.append(apply_box_delta(delta, ref_for_loss if self.look_forward_twice else ref_input))
             out.logits.append(self.class_branches[index](x))
             out.hidden.append(x)
-            ref_for_loss = refined
-            ref_detached = refined.detach()  # the next layer refines from a fixed starting box
+            if self.with_box_refine:
+                refined = apply_box_delta(delta, ref_input)
+                ref_for_loss = refined
+                ref_input = refined.detach()  # the next layer refines from a fixed starting box
         return out
 
 
@@ -216,7 +230,12 @@ class EncoderProposals:
 
 
 class DeformableTransformer(nn.Module):
-    """Encoder + two-stage proposal selection + decoder (Deformable-DETR, two-stage, box refine)."""
+    """Encoder + queries (learned, or two-stage proposal selection) + decoder (Deformable-DETR).
+
+    two_stage=False: `query_embed` [Q, 2C] holds each query's (positional, content) halves and
+    `reference_points` maps the positional half to a learned 2-d reference point. two_stage=True: the
+    encoder scores every token as a proposal and the top Q become the queries' reference boxes.
+    """
 
     def __init__(
         self,
@@ -230,37 +249,49 @@ class DeformableTransformer(nn.Module):
         dropout: float = 0.0,
         num_levels: int = 4,
         num_points: int = 4,
+        two_stage: bool = True,
+        with_box_refine: bool = True,
         mixed_selection: bool = True,
         look_forward_twice: bool = True,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.num_queries = num_queries
-        self.mixed_selection = mixed_selection
+        self.two_stage = two_stage
+        self.mixed_selection = mixed_selection and two_stage
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         nn.init.normal_(self.level_embed)
         encoder_layer = EncoderLayer(d_model, num_heads, ffn_dim, dropout, num_levels, num_points)
         self.encoder_layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_encoder_layers))
 
         decoder_layer = DecoderLayer(d_model, num_heads, ffn_dim, dropout, num_levels, num_points)
-        self.decoder = Decoder(decoder_layer, num_decoder_layers, num_classes, look_forward_twice)
+        self.decoder = Decoder(decoder_layer, num_decoder_layers, num_classes, look_forward_twice, with_box_refine)
 
-        # Two-stage: proposals from encoder tokens, positional queries from the selected boxes.
-        self.enc_output = nn.Linear(d_model, d_model)
-        self.enc_output_norm = nn.LayerNorm(d_model)
-        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
-        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
-        self.enc_class_branch = class_branch(d_model, num_classes)
-        self.enc_box_branch = box_branch(d_model)
-        if mixed_selection:
-            self.content_queries = nn.Embedding(num_queries, d_model)
+        if two_stage:  # proposals from encoder tokens, positional queries from the selected boxes
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+            self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+            if with_box_refine:
+                self.enc_class_branch = class_branch(d_model, num_classes)
+                self.enc_box_branch = box_branch(d_model)
+            else:  # without refinement the encoder shares the decoder's one pair of branches
+                self.enc_class_branch = self.decoder.class_branches[0]
+                self.enc_box_branch = self.decoder.box_branches[0]
+            if self.mixed_selection:
+                self.content_queries = nn.Embedding(num_queries, d_model)
+            nn.init.xavier_uniform_(self.enc_output.weight)
+            nn.init.xavier_uniform_(self.pos_trans.weight)
+        else:
+            self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+            self.reference_points = nn.Linear(d_model, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
         for layer in [*self.encoder_layers, *self.decoder.layers]:
             for linear in layer.ffn:
                 if isinstance(linear, nn.Linear):
                     nn.init.xavier_uniform_(linear.weight)
                     nn.init.zeros_(linear.bias)
-        for linear in (self.enc_output, self.pos_trans):
-            nn.init.xavier_uniform_(linear.weight)
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
@@ -292,11 +323,22 @@ class DeformableTransformer(nn.Module):
             content = self.content_queries.weight[None].expand(boxes_unact.shape[0], -1, -1)
         return content, pos
 
-    def forward(self, feats: FlatFeatures) -> tuple[DecoderOutput, EncoderProposals, Tensor]:
+    def learned_queries(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Single-stage queries: (content [B, Q, C], positional [B, Q, C], reference points [B, Q, 2])."""
+        pos, content = self.query_embed.weight.split(self.d_model, -1)
+        pos, content = pos[None].expand(batch, -1, -1), content[None].expand(batch, -1, -1)
+        return content, pos, self.reference_points(pos).sigmoid()
+
+    def forward(self, feats: FlatFeatures) -> tuple[DecoderOutput, EncoderProposals | None, Tensor]:
         memory = self.encode(feats)
-        proposals = self.propose(memory, feats)
-        content, pos = self.queries_from_boxes(proposals.topk_boxes_unact)
-        decoded = self.decoder(content, pos, proposals.topk_boxes_unact.sigmoid(), memory, feats)
+        if self.two_stage:
+            proposals = self.propose(memory, feats)
+            content, pos = self.queries_from_boxes(proposals.topk_boxes_unact)
+            reference = proposals.topk_boxes_unact.sigmoid()
+        else:
+            proposals = None
+            content, pos, reference = self.learned_queries(memory.shape[0])
+        decoded = self.decoder(content, pos, reference, memory, feats)
         return decoded, proposals, memory
 
 

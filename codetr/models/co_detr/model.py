@@ -86,8 +86,9 @@ class CollaborativeBranches(nn.Module):
         self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg) for k in cfg.heads)
         self.query_embeddings = nn.ModuleList(PositiveQueryEmbedding(d_model, cfg.content_feature) for _ in cfg.heads)
         # The released R50 model has a per-head scalar (an nn.Embedding(K, 1) made by accident); "vector"
-        # is the intended per-head embedding [K, d_model].
-        width = {"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed)
+        # is the intended per-head embedding [K, d_model]. The released code adds it only together with the
+        # content feature, so without that feature it is not built (it would never receive a gradient).
+        width = {"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed) if cfg.content_feature else None
         self.head_pos_embed = nn.Parameter(torch.zeros(len(cfg.heads), width)) if width else None
         if self.head_pos_embed is not None:
             nn.init.xavier_uniform_(self.head_pos_embed)  # as the released model initialises it

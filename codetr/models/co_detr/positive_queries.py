@@ -4,8 +4,9 @@ For each auxiliary head i, per image:
   1. count: N = clamp(max positives of any image in the batch, min_queries, max_queries) (9 and 300);
   2. select: all positives, randomly sub-sampled to N if there are more; padded up to N with random
      negatives of the same head (background label, no box loss);
-  3. embed: positional query = LN(Linear(sine(box))) split in (positional, content) halves; the content
-     half adds LN(Linear(feature at the positive)) and the positional half a per-head embedding;
+  3. embed: positional query = LN(Linear(sine(box clamped to [0, 1]))) split in (positional, content)
+     halves; with the content feature, the content half adds LN(Linear(feature at the positive)) and the
+     positional half a per-head embedding;
   4. decode: the SAME decoder (shared weights) runs once more on these queries, with the candidate box as
      reference box, attending to the same encoder memory;
   5. targets come from the head's own one-to-many assignment (no Hungarian matching); the loss is the
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codetr.box_ops import box_xyxy_to_cxcywh
+from codetr.box_ops import box_xyxy_to_cxcywh, inverse_sigmoid
 from codetr.models.co_detr.types import Candidates
 from codetr.models.position_encoding import box_sine_embedding
 from codetr.models.transformer import DecoderOutput
@@ -102,7 +103,9 @@ class PositiveQueryEmbedding(nn.Module):
         self.feature_norm = nn.LayerNorm(d_model) if content_feature else None
 
     def forward(self, queries: PositiveQueryBatch, head_embed: Tensor | None) -> tuple[Tensor, Tensor]:
-        embedded = box_sine_embedding(queries.ref_boxes, num_feats=self.d_model // 2)
+        # Embedded clamped to [0, 1] (the released code embeds sigmoid(inverse_sigmoid(box))); the reference
+        # box itself stays unclamped, as released: a large anchor may reach past the image.
+        embedded = box_sine_embedding(inverse_sigmoid(queries.ref_boxes).sigmoid(), num_feats=self.d_model // 2)
         pos, content = self.pos_trans_norm(self.pos_trans(embedded)).split(self.d_model, -1)
         if self.feature_proj is not None and queries.features is not None:
             content = content + self.feature_norm(self.feature_proj(queries.features))
