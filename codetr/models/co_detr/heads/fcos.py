@@ -168,6 +168,11 @@ class FCOSHead(nn.Module):
         divided by the sum of those targets;
       loss_centerness: BCE of the predicted centerness against its target / number of positives.
     Normalisers are averaged over ranks when torch.distributed is initialised.
+
+    ignore_padding: points whose centre lies in the batch padding (outside the image's valid size)
+    take no part and are no candidates (default, like the anchor heads' valid flags). False: every
+    point of the padded batch is a classification sample and a candidate (a negative: GT boxes lie in
+    the image), as mmdet's FCOSHead, which never looks at the image sizes.
     """
 
     kind = "fcos"
@@ -186,6 +191,7 @@ class FCOSHead(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         prior_prob: float = 0.01,
+        ignore_padding: bool = True,
     ) -> None:
         super().__init__()
         if len(strides) != len(regress_ranges):
@@ -199,6 +205,7 @@ class FCOSHead(nn.Module):
         self.point_box_scale = point_box_scale
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.ignore_padding = ignore_padding
         self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
 
         self.cls_tower = conv_tower(in_channels, feat_channels, num_convs)
@@ -249,7 +256,10 @@ class FCOSHead(nn.Module):
         candidates, cls_logits_valid, labels_valid = [], [], []
         pos_pred, pos_ctr, pos_target, pos_points, pos_strides = [], [], [], [], []
         for image, (gt_boxes, gt_labels) in enumerate(zip(inputs.gt_boxes, inputs.gt_labels)):
-            valid = anchor_centre_valid(boxes, inputs.image_sizes[image])
+            if self.ignore_padding:
+                valid = anchor_centre_valid(boxes, inputs.image_sizes[image])
+            else:
+                valid = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
             targets = fcos_targets(
                 points[valid], strides[valid], ranges[valid], gt_boxes, gt_labels, self.num_classes,
                 self.center_sampling, self.center_sample_radius,
