@@ -161,6 +161,7 @@ def ablate(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-run runs recorded as failed."),
     allow_changed_base: bool = typer.Option(False, "--allow-changed-base", help="Accept a base config that differs from the grid's manifest (changed runs restart; old ones are kept aside)."),
     metrics: str = typer.Option("AP,AP50,AP75,APs,APm,APl", "--metrics", help="Table columns."),
+    paper_setting: bool = typer.Option(False, "--paper-setting", help="With --grid: train the spec's paper_preset for its paper_epochs full epochs (the paper's own setting: R50 on COCO, a GPU job)."),
 ) -> None:
     """Run an ablation grid (one training + evaluation per point and seed) and print the paper-style table."""
     from experiments.ablate import Schedule, grid_from_flags, parse_baseline, parse_seeds, run_grid
@@ -178,6 +179,12 @@ def ablate(
             raise CodetrError(f"expected one --values per --param (got {len(params)} --param, {len(values)} --values), "
                               "e.g. --param lambda1 --values 0.25,0.5,1,2")
         spec, schedule_of_spec = grid_from_flags(list(zip(params, values))), {}
+    if paper_setting:
+        if "paper_preset" not in schedule_of_spec:
+            raise CodetrError("--paper-setting needs a --grid spec with paper_preset and paper_epochs "
+                              "(e.g. experiments/supp_table2_lambdas.yaml)")
+        spec.preset = schedule_of_spec["paper_preset"]
+        schedule_of_spec = {"epochs": schedule_of_spec.get("paper_epochs", 12), "max_iters": 0}
     spec.preset = preset or spec.preset
     spec.overrides = spec.overrides + list(overrides)
     spec.seeds = parse_seeds(seeds) if seeds else spec.seeds

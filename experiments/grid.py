@@ -9,6 +9,8 @@ a YAML spec holding an explicit list (the paper's lambda table is a list, not a 
     set: [optim.lr=2e-4]             # optional base overrides, like --set
     epochs: 1                        # optional, like --epochs
     max_iters: 100                   # optional, like --max-iters
+    paper_preset: co_deformable_detr_k1_r50_1x   # optional: what --paper-setting trains ...
+    paper_epochs: 36                 # ... and for how many full epochs
     seeds: [0]                       # optional, like --seeds
     baseline: {lambda1: 1, lambda2: 2}
     paper_metric: AP                 # what the `paper` numbers are
@@ -129,12 +131,12 @@ def run_name(point: GridPoint, seed: int) -> str:
 # ----------------------------------------------------------------------------------------------
 
 SPEC_KEYS = {"name", "title", "preset", "set", "epochs", "max_iters", "seeds", "baseline", "paper_metric", "points",
-             "product"}
+             "product", "paper_preset", "paper_epochs"}
 
 
 def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
-    """Read a YAML grid spec. Returns the spec and its schedule options (`epochs`, `max_iters`), which
-    the command line may override."""
+    """Read a YAML grid spec. Returns the spec and its schedule options (`epochs`, `max_iters`, and the
+    paper's own setting `paper_preset`, `paper_epochs`), which the command line may override."""
     import yaml
 
     try:
@@ -170,7 +172,10 @@ def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
         title=str(data.get("title", "")),
         paper_metric=str(data.get("paper_metric", "AP")),
     )
-    schedule = {key: _integer(data[key], path, key, "an integer") for key in ("epochs", "max_iters") if key in data}
+    schedule = {key: _integer(data[key], path, key, "an integer") for key in ("epochs", "max_iters", "paper_epochs")
+                if key in data}
+    if "paper_preset" in data:
+        schedule["paper_preset"] = str(data["paper_preset"])
     return spec, schedule
 
 

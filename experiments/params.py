@@ -2,8 +2,9 @@
 
 A grid parameter is either a short name for one of the paper's knobs or any dotted config path:
 
-    lambda1      model.aux.lambda1                 weight of the auxiliary heads' losses
-    lambda2      model.aux.lambda2                 weight of the customized positive queries' losses
+    lambda1      model.aux.lambda1                 Eq. 6: weight of the customized positive queries' losses
+    lambda2      model.aux.lambda2                 Eq. 6: weight of the auxiliary heads' losses, counted once
+                                                   per decoder layer (effective num_decoder_layers x lambda2)
     num_convs    model.aux.num_convs               stacked convs in the one-stage auxiliary heads (0..5)
     aux_heads    model.aux.heads                   K and which heads: `atss+faster_rcnn`, `none` for K=0
     num_queries  model.num_queries                 one-to-one queries

@@ -136,6 +136,23 @@ class GridLock(FileLock):
     busy_message = "is being run by another `codetr ablate` process; wait for it, or use another --out"
 
 
+# Written into every manifest. Grids made before it applied lambda1 to the auxiliary heads and lambda2 to
+# the positive queries (the reverse of the paper's Eq. 6, which codetr follows now).
+LOSS_CONVENTION = "eq6"
+LAMBDA_KEYS = ("lambda1", "lambda2", "model.aux.lambda1", "model.aux.lambda2")
+
+
+def check_loss_convention(manifest: dict[str, Any], manifest_path: Path) -> None:
+    """Refuse a grid over lambda1 / lambda2 made before codetr followed Eq. 6: its values mean the other term."""
+    if manifest.get("loss_convention") == LOSS_CONVENTION or not set(manifest.get("params", [])) & set(LAMBDA_KEYS):
+        return
+    raise ConfigError(
+        f"{manifest_path}: this grid was made by a codetr whose lambda1 weighed the auxiliary heads and lambda2 the "
+        "positive queries; lambda1 now weighs the positive queries and lambda2 the auxiliary heads (the paper's Eq. 6), "
+        "so its values would be misread: run the grid again into another --out"
+    )
+
+
 def base_config_summary(spec: GridSpec, base: Config) -> dict[str, Any]:
     return {"preset": spec.preset, "overrides": spec.overrides, "hash": base.hash()}
 
@@ -155,6 +172,8 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
     manifest_path = root / "manifest.json"
     manifest = read_json(manifest_path)
     base_summary = base_config_summary(spec, base)
+    if manifest is not None:
+        check_loss_convention(manifest, manifest_path)
     if manifest is not None and manifest["base"]["hash"] != base_summary["hash"] and not allow_changed_base:
         old = manifest["base"]
         raise ConfigError(
@@ -178,6 +197,7 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
                     _prepare_run(root, point, seed, spec, base)
     atomic_write_json(manifest_path, {  # written last: it describes runs that exist
         "version": __version__,
+        "loss_convention": LOSS_CONVENTION,
         "created": (manifest or {}).get("created", time.time()),
         "base": base_summary,
         "name": spec.name,
@@ -239,6 +259,7 @@ def grid_runs(root: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     manifest = read_json(root / "manifest.json")
     if manifest is None:
         raise ConfigError(f"{root}: no manifest.json here; expected a folder written by `codetr ablate`")
+    check_loss_convention(manifest, root / "manifest.json")
     runs = []
     for item in manifest["points"]:
         point = GridPoint(item["values"], item.get("paper"))

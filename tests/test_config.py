@@ -6,15 +6,35 @@ from codetr.errors import ConfigError
 
 
 def test_paper_preset_defaults():
-    cfg = get_preset("deformable_detr_r50_1x")
+    cfg = get_preset("deformable_detr_r50_1x")  # the paper's plain Deformable-DETR
     assert cfg.model.num_queries == 300
-    assert cfg.model.mixed_selection
-    assert cfg.model.look_forward_twice
+    assert not (cfg.model.two_stage or cfg.model.with_box_refine or cfg.model.mixed_selection
+                or cfg.model.look_forward_twice)
+    pp = get_preset("deformable_detr_pp_r50_1x").model  # Deformable-DETR++
+    assert pp.two_stage and pp.with_box_refine and pp.mixed_selection and pp.look_forward_twice
     assert (cfg.model.loss.cls_weight, cfg.model.loss.bbox_weight, cfg.model.loss.giou_weight) == (2.0, 5.0, 2.0)
     assert cfg.optim.lr == 2e-4 and cfg.optim.weight_decay == 1e-4 and cfg.optim.clip_max_norm == 0.1
     assert cfg.optim.epochs == 12 and cfg.optim.lr_drop_epochs == (11,)
     assert cfg.data.train_scales == tuple(range(480, 801, 32))
     assert cfg.model.backbone.depth == 50 and cfg.model.backbone.frozen_stages == 1
+
+
+@pytest.mark.parametrize("preset, two_stage, heads", [
+    ("deformable_detr_r50_1x", False, []), ("co_deformable_detr_k1_r50_1x", False, ["atss"]),
+    ("co_deformable_detr_k2_r50_1x", False, ["atss", "faster_rcnn"]), ("deformable_detr_pp_r50_1x", True, []),
+    ("co_deformable_detr_r50_1x", True, ["atss", "faster_rcnn"]), ("tiny", False, []), ("co_tiny", False, ["atss"]),
+    ("tiny_pp", True, []), ("co_tiny_pp", True, ["atss", "faster_rcnn"]),
+])
+def test_presets_are_the_papers_rows(preset, two_stage, heads):
+    cfg = get_preset(preset)
+    assert (cfg.model.two_stage, cfg.model.with_box_refine, cfg.model.aux.heads) == (two_stage, two_stage, heads)
+    doc = get_preset.__globals__["PRESETS"][preset].__doc__
+    assert "AP" in doc or "analogue" in doc  # the R50 rows name the paper's AP, the CPU ones their R50 row
+
+
+def test_mixed_selection_needs_two_stage():
+    with pytest.raises(ConfigError, match="model.mixed_selection=True: expected false without two_stage"):
+        apply_overrides(get_preset("tiny"), ["model.mixed_selection=true"])
 
 
 def test_overrides_parse_by_type():

@@ -82,6 +82,37 @@ def test_repo_specs_are_valid():
         assert [(p.values, p.paper) for p in spec.points] == points, name
 
 
+@pytest.mark.parametrize("name, epochs", [("supp_table1_num_convs", 12), ("supp_table2_lambdas", 36), ("k_ablation", 12)])
+def test_repo_specs_use_the_papers_ablation_setting(name, epochs):
+    """Sec. 4.4 / supplementary: plain Deformable-DETR R50 + K = 1 (ATSS), at the table's epochs; the
+    default run is its CPU analogue."""
+    from pathlib import Path
+
+    from codetr.config import get_preset
+
+    spec, schedule = load_spec(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    assert (schedule["paper_preset"], schedule["paper_epochs"]) == ("co_deformable_detr_k1_r50_1x", epochs)
+    for preset in (schedule["paper_preset"], spec.preset):
+        model = get_preset(preset).model
+        assert not model.two_stage and not model.with_box_refine and model.aux.heads == ["atss"], preset
+    assert get_preset(schedule["paper_preset"]).model.backbone.depth == 50
+
+
+def test_a_lambda_grid_of_the_old_convention_is_refused(tmp_path):
+    """Grids written before Eq. 6 (no loss_convention in the manifest) had lambda1 on the auxiliary heads."""
+    import json
+
+    spec, base = resolve_base(grid_from_flags([("lambda1", "0.5,1")]), Schedule(), None)
+    open_grid(tmp_path, spec, base)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["loss_convention"] == "eq6"
+    del manifest["loss_convention"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for action in (lambda: open_grid(tmp_path, spec, base, allow_changed_base=True), lambda: load_table(tmp_path, ["AP"])):
+        with pytest.raises(ConfigError, match="lambda1 now weighs the positive queries .* run the grid again"):
+            action()
+
+
 def test_run_names_are_canonical_safe_and_distinct():
     a = GridPoint({"lambda1": "1", "lambda2": "2"})
     assert run_name(a, 0) == run_name(GridPoint({"lambda2": "2", "lambda1": "1"}), 0) == "lambda1=1__lambda2=2__seed0"

@@ -16,7 +16,8 @@ from codetr.models.detector import DetectorOutput, build_detector
 from codetr.models.position_encoding import box_sine_embedding, sine_position_encoding
 from codetr.models.transformer import flatten_levels, grid_proposals, valid_ratio
 
-TINY = get_preset("tiny")
+TINY = get_preset("tiny_pp")  # two-stage + refine (Deformable-DETR++)
+PLAIN = get_preset("tiny")  # plain Deformable-DETR
 
 
 def small_cfg(*overrides):
@@ -78,7 +79,55 @@ def test_postprocess_matches_brute_force_topk():
         for k, (_, q, _) in enumerate(pairs):
             cx, cy, bw, bh = boxes[b, q].tolist()
             expected = [(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h]
+            expected = [min(max(v, 0.0), limit) for v, limit in zip(expected, (w, h, w, h))]  # clipped to the image
             assert results[b]["boxes"][k].tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def plain_cfg(*overrides):
+    return apply_overrides(PLAIN, ["model.num_queries=12", "model.num_detections=10", *overrides])
+
+
+def test_plain_model_has_learned_queries_and_one_shared_pair_of_branches():
+    model = build_detector(plain_cfg().model, num_classes=3)
+    names = {name for name, _ in model.named_parameters()}
+    assert {"transformer.query_embed.weight", "transformer.reference_points.weight"} <= names
+    assert not any(n.startswith(("transformer.enc_", "transformer.pos_trans")) for n in names)
+    decoder = model.transformer.decoder
+    assert all(b is decoder.class_branches[0] for b in decoder.class_branches)
+    assert all(b is decoder.box_branches[0] for b in decoder.box_branches)
+    assert model.transformer.query_embed.weight.shape == (12, 2 * 128)
+    refine = build_detector(plain_cfg("model.with_box_refine=true").model, num_classes=3).transformer.decoder
+    assert refine.class_branches[0] is not refine.class_branches[1]
+    shared = build_detector(plain_cfg("model.two_stage=true").model, num_classes=3).transformer
+    assert shared.enc_class_branch is shared.decoder.class_branches[0]  # two-stage without refine shares them too
+
+
+def test_plain_decoder_predicts_every_layer_around_the_learned_reference_point():
+    """Without refinement each layer's box is sigmoid(delta + [logit(ref_xy), 0, 0]) with the SAME reference
+    ref = sigmoid(reference_points(positional half of query_embed)), computed here by hand."""
+    torch.manual_seed(0)
+    model = build_detector(plain_cfg().model, num_classes=3)
+    for p in model.transformer.decoder.box_branches[0][-1].parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    out = model(torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool))
+    t = model.transformer
+    positional = t.query_embed.weight[:, :128]
+    ref = torch.sigmoid(positional @ t.reference_points.weight.T + t.reference_points.bias)  # [Q, 2]
+    for (_, boxes), hidden in zip(out.layers, model.transformer.decoder(  # the layers' hidden states
+            t.query_embed.weight[None, :, 128:].expand(2, -1, -1), positional[None].expand(2, -1, -1),
+            ref[None].expand(2, -1, -1), out.memory, out.feats).hidden):
+        delta = t.decoder.box_branches[0](hidden)
+        expected = torch.sigmoid(delta + torch.cat((torch.logit(ref), torch.zeros_like(ref)), -1))
+        assert torch.allclose(boxes, expected, atol=1e-5)  # float32; logit of ref in (1e-5, 1 - 1e-5)
+
+
+def test_learned_reference_points_are_trained_by_the_box_loss():
+    torch.manual_seed(0)
+    model = build_detector(plain_cfg().model, num_classes=2)
+    out = model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+    out.pred_boxes[..., :2].sum().backward()
+    assert model.transformer.reference_points.weight.grad.abs().sum() > 0
+    assert out.enc_logits is None and out.enc_boxes is None
 
 
 def test_forward_shapes_and_per_layer_outputs():
@@ -136,7 +185,9 @@ def test_param_groups_apply_the_paper_multipliers():
     assert groups["linear_proj"]["lr"] == pytest.approx(2e-5)
     assert groups["default"]["lr"] == pytest.approx(2e-4)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all("sampling_offsets" in names[id(p)] for p in groups["linear_proj"]["params"])
+    linear_proj = {names[id(p)] for p in groups["linear_proj"]["params"]}
+    assert all("sampling_offsets" in n or n.startswith("transformer.reference_points.") for n in linear_proj)
+    assert "transformer.reference_points.weight" in linear_proj  # the plain model's, as in Deformable-DETR
     assert all(names[id(p)].startswith("backbone.") for p in groups["backbone"]["params"])
     trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert trainable == sum(len(g["params"]) for g in groups.values())
