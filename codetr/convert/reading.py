@@ -76,6 +76,8 @@ def allowed_globals(names: list[str]) -> tuple[list[tuple[Callable, str]], list[
     """Split the globals a pickle names into (allow-list entries, names replaced by stand-ins, refused)."""
     numpy_pairs = {name: obj for obj, name in _numpy_globals()}
     entries, stand_ins, refused = [], [], []
+    if "numpy.dtype" in names:  # the concrete dtype classes are never named in the pickle itself
+        entries += [(obj, name) for name, obj in numpy_pairs.items() if name.startswith("numpy.dtypes.")]
     for name in names:
         if name in numpy_pairs:
             entries.append((numpy_pairs[name], name))

@@ -50,6 +50,8 @@ from codetr.config import ModelConfig, get_preset
 from codetr.convert.common import Conversion, ConversionError
 
 SOURCE = "sensex"
+RELEASED_PRESET = "co_deformable_detr_r50_1x"  # the released model; the converted config starts from it
+BASELINE_PRESET = "deformable_detr_pp_r50_1x"  # the same without auxiliary heads
 NUM_HEADS = 8  # attention heads of the released configs: the weights' shapes do not record it
 # Foreign keys codetr has no place for, with why (printed by `codetr convert`).
 UNREPRESENTABLE = {
@@ -202,7 +204,8 @@ def read_architecture(state_dict: dict[str, Tensor]) -> Architecture:
         raise ConversionError(f"sensex: attention_weights has {weights_rows} rows, not a multiple of "
                               f"{NUM_HEADS} heads x {num_levels} levels")
     kinds, k_to_j, roi_heads, one_stage_heads = _aux_heads(state_dict)
-    model = copy.deepcopy(get_preset("co_deformable_detr_r50_1x" if kinds else "deformable_detr_r50_1x").model)
+    model = copy.deepcopy(get_preset(RELEASED_PRESET if kinds else BASELINE_PRESET).model)
+    model.two_stage = model.with_box_refine = True  # the branches counted above say so
     model.backbone.depth = _backbone_depth(state_dict)
     model.backbone.pretrained = ""
     t = model.transformer
