@@ -138,6 +138,38 @@ def predict(
     console.print(f"{kept} detections >= {threshold} drawn to {out}{hint}")
 
 
+@app.command("convert")
+@user_errors
+def convert_command(
+    src: Path = typer.Argument(..., help="A released checkpoint (.pth): Sense-X Co-DETR or mmdetection 3.x."),
+    out: Path = typer.Option(..., "--out", help="The codetr checkpoint to write (.pt)."),
+    source: Optional[str] = typer.Option(None, "--from", help="mmdet3 or sensex; default: read off the key names."),
+) -> None:
+    """Convert a released checkpoint to an ordinary codetr checkpoint (read without running its pickle code).
+
+    Every command's --ckpt also takes the foreign file directly (converted in memory)."""
+    from codetr.convert import convert_file, describe_skipped
+    from codetr.engine.checkpoint import save_checkpoint
+
+    converted = convert_file(src, source)
+    state = converted.checkpoint
+    save_checkpoint(out, {k: v for k, v in state.items() if k != "format_version"})
+    model = state["config"]["model"]
+    heads = "+".join(model["aux"]["heads"]) or "none"
+    console.print(f"converted {src} ({converted.source}): {len(state['model'])} tensors, ResNet-{model['backbone']['depth']}, "
+                  f"{model['transformer']['num_encoder_layers']}+{model['transformer']['num_decoder_layers']} layers, "
+                  f"{model['num_queries']} queries, {state['num_classes']} classes, auxiliary heads {heads}",
+                  soft_wrap=True, highlight=False, markup=False)
+    for line in describe_skipped(converted.skipped_keys):
+        console.print(f"skipped {line}", soft_wrap=True, highlight=False, markup=False)
+    if converted.skipped_entries:
+        console.print(f"not read: {', '.join(converted.skipped_entries)}"
+                      + (f" (OpenMMLab objects kept as inert records: {', '.join(converted.stand_ins)})" if converted.stand_ins else ""),
+                      soft_wrap=True, highlight=False, markup=False)
+    console.print(f"wrote {out} (preset {state['config']['preset']}; classes {state['class_names'][0]}, ...)",
+                  soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command()
 @user_errors
 def ablate(

@@ -10,7 +10,8 @@ import torch
 from codetr.config import Config, config_from_dict
 from codetr.data.collate import collate
 from codetr.data.transforms import make_test_transforms
-from codetr.engine.checkpoint import load_checkpoint, load_model_state
+from codetr.convert import load_any_checkpoint
+from codetr.engine.checkpoint import load_model_state
 from codetr.errors import DataError
 from codetr.models.detector import DeformableDETR, build_detector
 
@@ -32,7 +33,7 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
     left out, so the deployed model has the baseline's parameters and cost. deploy=False keeps them
     (for analyses of the auxiliary heads).
     """
-    state = load_checkpoint(ckpt)
+    state = load_any_checkpoint(ckpt)  # a released Sense-X / mmdet 3.x file is converted in memory
     cfg = config_from_dict(state["config"])
     cfg.model.backbone.pretrained = ""  # the checkpoint already holds the trained backbone
     weights = state["model"]
