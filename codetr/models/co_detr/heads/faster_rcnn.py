@@ -5,7 +5,7 @@ Settings are the released Co-Deformable-DETR R50 ones (Sense-X/Co-DETR, mmdet 2.
 RoIs of every image (<= 512, <= 25 % positive, the GT boxes among the proposals), which Co-DETR turns
 into positive queries with the RoI feature averaged over the 7x7 grid as content feature.
 
-Loss terms (raw; the caller applies `loss_weights` and lambda_1):
+Loss terms (raw; the caller applies `loss_weights` and num_decoder_layers * lambda_2, Eq. 6):
   loss_rpn_cls   sigmoid BCE on 256 sampled anchors per image          weight 1.0
   loss_rpn_bbox  L1 on the positive anchors' deltas                    weight 1.0
   loss_cls       softmax CE on the sampled RoIs (background last)      weight 1.0
