@@ -19,7 +19,7 @@ from codetr.engine.checkpoint import load_model_state
 from codetr.models.co_detr.box_coder import DeltaXYWHCoder
 from codetr.models.co_detr.heads.roi_head import roi_losses
 from codetr.models.detector import build_detector
-from tests.test_convert_sensex_keys import TINY, SenseXDims, random_state_dict, read_fixture
+from tests.test_convert_sensex_keys import TINY, random_state_dict, read_fixture
 
 torch.set_num_threads(1)
 

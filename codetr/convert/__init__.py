@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from torch import Tensor
 
 from codetr.config import PRESETS, Config, get_preset
@@ -105,7 +106,7 @@ def to_codetr_checkpoint(conversion: Conversion, foreign: ForeignCheckpoint, sou
         "num_classes": conversion.num_classes,
         "cat_ids": cat_ids,
         "class_names": class_names,
-        "position": {"epoch": int(epoch) if isinstance(epoch, int) else 0, "iteration": 0, "step": 0},
+        "position": {"epoch": int(epoch) if isinstance(epoch, (int, np.integer)) else 0, "iteration": 0, "step": 0},
         "converted_from": {"source": source, "file": str(file), "skipped": list(conversion.skipped)},
     }
 
