@@ -42,12 +42,12 @@ def train_fixture_checkpoint(preset: str, data_root: Path, out_dir: Path, iterat
 
 
 @pytest.fixture(scope="session")
-def co_tiny_ckpt(synth_root, tmp_path_factory) -> Path:
-    """A `co_tiny` (ATSS + Faster-RCNN) checkpoint trained for a few iterations on `synth_root`."""
-    return train_fixture_checkpoint("co_tiny", synth_root, tmp_path_factory.mktemp("co_tiny_run"))
+def co_tiny_pp_ckpt(synth_root, tmp_path_factory) -> Path:
+    """A `co_tiny_pp` (Deformable-DETR++, ATSS + Faster-RCNN) checkpoint trained for a few iterations."""
+    return train_fixture_checkpoint("co_tiny_pp", synth_root, tmp_path_factory.mktemp("co_tiny_pp_run"))
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(synth_root, tmp_path_factory) -> Path:
-    """A `tiny` (no auxiliary heads) checkpoint trained for a few iterations on `synth_root`."""
+    """A `tiny` (plain Deformable-DETR, no auxiliary heads) checkpoint trained for a few iterations on `synth_root`."""
     return train_fixture_checkpoint("tiny", synth_root, tmp_path_factory.mktemp("tiny_run"))

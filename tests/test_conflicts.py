@@ -26,9 +26,9 @@ from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def co_model(co_tiny_ckpt):
+def co_model(co_tiny_pp_ckpt):
     """(detector with its auxiliary heads, criterion, val dataset with the test transforms)."""
-    detector = load_detector(co_tiny_ckpt, "cpu", use_ema=True, deploy=False)
+    detector = load_detector(co_tiny_pp_ckpt, "cpu", use_ema=True, deploy=False)
     dataset = build_dataset(apply_overrides(detector.cfg, ["data.augment=false"]).data, "val")
     return detector, build_criterion(detector.model, detector.cfg.model), dataset
 
@@ -204,9 +204,9 @@ def codetr(*args, env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_cli_conflicts_end_to_end(co_tiny_ckpt, synth_root, cli_env, tmp_path):
+def test_cli_conflicts_end_to_end(co_tiny_pp_ckpt, synth_root, cli_env, tmp_path):
     out = tmp_path / "conflicts"
-    result = codetr("conflicts", "--ckpt", co_tiny_ckpt, "--data", synth_root, "--num-images", "2", "--overlays", "1",
+    result = codetr("conflicts", "--ckpt", co_tiny_pp_ckpt, "--data", synth_root, "--num-images", "2", "--overlays", "1",
                     "--out", out, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "S_i" in result.stdout and "faster_rcnn" in result.stdout

@@ -39,7 +39,8 @@ def test_r50_converts_completely_and_loads_strictly(r50):
     assert conversion.model == get_preset("co_deformable_detr_r50_1x").model  # exactly the released preset
     assert conversion.num_classes == 80
     counters = [k for k in state if k.endswith("num_batches_tracked")]
-    assert sorted(conversion.skipped) == sorted(counters + ["query_head.downsample.0.bias"])
+    assert sorted(conversion.skipped) == sorted(counters)
+    assert torch.equal(conversion.state_dict["aux.feature_maps.downsample.0.bias"], state["query_head.downsample.0.bias"])
     assert len(conversion.state_dict) + len(conversion.skipped) == len(state)  # nothing dropped silently
     model = build_detector(conversion.model, conversion.num_classes)
     load_model_state(model, conversion.state_dict)  # strict: no missing, unexpected or mis-shaped key

@@ -210,9 +210,9 @@ def test_plot_iof_iob_returns_a_figure_and_keeps_the_backend(tmp_path):
         assert png.size == (1200, 552)
 
 
-def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_ckpt, synth_root, cli_env, tmp_path):
+def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_pp_ckpt, synth_root, cli_env, tmp_path):
     out = tmp_path / "iof"
-    result = codetr("iof-iob", "--ckpt", tiny_ckpt, "--ckpt", co_tiny_ckpt, "--data", synth_root, "--num-images", "4",
+    result = codetr("iof-iob", "--ckpt", tiny_ckpt, "--ckpt", co_tiny_pp_ckpt, "--data", synth_root, "--num-images", "4",
                     "--thresholds", "21", "--out", out, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "AUC pooled" in result.stdout
@@ -220,7 +220,7 @@ def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_ckpt, synth_root, cli_env, tm
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2  # checkpoints x variants x aggregations
     assert all(0.0 <= float(row["auc"]) <= 1.0 and row["images"] == "4" for row in rows)
-    assert {row["checkpoint"] for row in rows} == {f"{p.parent.name}/last" for p in (tiny_ckpt, co_tiny_ckpt)}
+    assert {row["checkpoint"] for row in rows} == {f"{p.parent.name}/last" for p in (tiny_ckpt, co_tiny_pp_ckpt)}
     results = json.loads((out / "iof_iob.json").read_text())["results"]
     for r in results:  # reported thresholds include S = 0 and S = 1; IoF and IoB fall as S rises
         curve = r["curves"]["pooled"]

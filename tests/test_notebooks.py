@@ -30,9 +30,9 @@ def test_notebooks_are_committed_without_outputs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, co_tiny_ckpt, tiny_ckpt, synth_root, monkeypatch):
+def test_notebook_runs(name, co_tiny_pp_ckpt, tiny_ckpt, synth_root, monkeypatch):
     # the kernel inherits this process's environment
-    monkeypatch.setenv("CODETR_CKPT", str(co_tiny_ckpt))
+    monkeypatch.setenv("CODETR_CKPT", str(co_tiny_pp_ckpt))
     monkeypatch.setenv("CODETR_CKPT_BASELINE", str(tiny_ckpt))
     monkeypatch.setenv("CODETR_DATA_ROOT", str(synth_root))
     monkeypatch.setenv("CODETR_NUM_IMAGES", "3")
@@ -50,5 +50,5 @@ def test_notebook_runs(name, co_tiny_ckpt, tiny_ckpt, synth_root, monkeypatch):
         assert any("atss" in table and "faster_rcnn" in table and "S_i" in table for table in tables)
     if name == "03_iof_iob":
         assert len(outputs_of(notebook, "image/png")) >= 2  # the maps and the curves
-        labels = {f"{ckpt.parent.name}/last" for ckpt in (co_tiny_ckpt, tiny_ckpt)}
+        labels = {f"{ckpt.parent.name}/last" for ckpt in (co_tiny_pp_ckpt, tiny_ckpt)}
         assert any(all(label in table for label in labels) and "AUC pooled" in table for table in tables)

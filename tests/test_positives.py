@@ -63,8 +63,8 @@ def brute_force_atss_positives(gt_boxes: list[list[float]], height: int, width: 
     return len(positive)
 
 
-def test_atss_counts_equal_a_brute_force_recount(co_tiny_ckpt, synth_root):
-    detector = load_detector(co_tiny_ckpt, "cpu", deploy=False)
+def test_atss_counts_equal_a_brute_force_recount(co_tiny_pp_ckpt, synth_root):
+    detector = load_detector(co_tiny_pp_ckpt, "cpu", deploy=False)
     data_cfg = apply_overrides(detector.cfg, [f"data.root={synth_root}", "data.batch_size=1"]).data
     loader, _, _ = first_val_images(data_cfg, 2)
     model = detector.model
@@ -84,8 +84,8 @@ def test_atss_counts_equal_a_brute_force_recount(co_tiny_ckpt, synth_root):
         assert gts == len(boxes) and min(gts, 128) <= positives <= 128
 
 
-def test_cli_positives_end_to_end(co_tiny_ckpt, synth_root, cli_env, tmp_path):
-    result = codetr("positives", "--ckpt", co_tiny_ckpt, "--data", synth_root, "--num-images", "4", "--out", tmp_path,
+def test_cli_positives_end_to_end(co_tiny_pp_ckpt, synth_root, cli_env, tmp_path):
+    result = codetr("positives", "--ckpt", co_tiny_pp_ckpt, "--data", synth_root, "--num-images", "4", "--out", tmp_path,
                     env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "atss" in result.stdout and "faster_rcnn" in result.stdout
@@ -98,7 +98,7 @@ def test_cli_positives_end_to_end(co_tiny_ckpt, synth_root, cli_env, tmp_path):
         assert head["gts"] > 0 and math.isclose(head["ratio"], head["positives"] / head["gts"], rel_tol=1e-12)
 
     # no checkpoint: a freshly initialised model of the preset
-    result = codetr("positives", "--preset", "co_tiny", "--data", synth_root, "--num-images", "1", "--set",
+    result = codetr("positives", "--preset", "co_tiny_pp", "--data", synth_root, "--num-images", "1", "--set",
                     "data.test_size=160", "--set", "data.test_max_size=200", env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "freshly initialised" in result.stdout and "untrained" in result.stderr

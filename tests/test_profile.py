@@ -40,14 +40,14 @@ def test_profile_in_process_tiny_config():
 
 
 def test_cli_profile_end_to_end(cli_env, tmp_path):
-    result = codetr("profile", "--preset", "tiny", "--preset", "co_tiny", *[a for s in SMALL for a in ("--set", s)],
+    result = codetr("profile", "--preset", "tiny", "--preset", "co_tiny_pp", *[a for s in SMALL for a in ("--set", s)],
                     "--size", "64x64", "--batch", "1", "--iters", "1", "--warmup", "0", "--num-classes", "3",
                     "--out", tmp_path, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert "x baseline" in result.stdout and "atss+faster_rcnn" in result.stdout
     with open(tmp_path / "profile.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["config"], r["k"], r["heads"]) for r in rows] == [("tiny", "0", "-"), ("co_tiny", "2", "atss+faster_rcnn")]
+    assert [(r["config"], r["k"], r["heads"]) for r in rows] == [("tiny", "0", "-"), ("co_tiny_pp", "2", "atss+faster_rcnn")]
     records = json.loads((tmp_path / "profile.json").read_text())
     assert all(r["seconds_per_iter"] > 0 and r["peak_mb"] > 0 for r in records)
     assert records[0]["x_baseline"] == 1.0

@@ -34,7 +34,7 @@ them RoI heads first, then one-stage heads (co_detr.py builds the positive queri
 codetr's presets list one-stage heads first (`[atss, faster_rcnn]`), so head index k becomes j.
 
 Not carried (reported as skipped): BatchNorm `num_batches_tracked` counters (the backbone's BatchNorm is
-frozen), and `query_head.downsample.0.bias`, which codetr cannot represent (see UNREPRESENTABLE).
+frozen), and anything in UNREPRESENTABLE (nothing, for the released R50 model).
 The mmdet head key names (rpn_head.*, roi_head.0.bbox_head.*, bbox_head.0.*) are mapped here directly.
 """
 from __future__ import annotations
@@ -54,10 +54,7 @@ RELEASED_PRESET = "co_deformable_detr_r50_1x"  # the released model; the convert
 BASELINE_PRESET = "deformable_detr_pp_r50_1x"  # the same without auxiliary heads
 NUM_HEADS = 8  # attention heads of the released configs: the weights' shapes do not record it
 # Foreign keys codetr has no place for, with why (printed by `codetr convert`).
-UNREPRESENTABLE = {
-    "query_head.downsample.0.bias": "codetr's stride-128 conv (aux.feature_maps.downsample.0) has no bias, so the "
-                                    "auxiliary heads' stride-128 input differs from the release",
-}
+UNREPRESENTABLE: dict[str, str] = {}
 _RESNET_DEPTHS = {(2, 2, 2, 2, False): 18, (3, 4, 6, 3, False): 34, (3, 4, 6, 3, True): 50,
                   (3, 4, 23, 3, True): 101, (3, 8, 36, 3, True): 152}
 _ONE_STAGE_MARKERS = {"atss": "atss_centerness.weight"}  # one-stage head kind -> a key only it has
@@ -97,7 +94,7 @@ _RULES: list[tuple[str, str]] = [
     (r"query_head\.cls_branches\.(\d+)\." + _WB, "{cls}"),
     (r"query_head\.reg_branches\.(\d+)\.([024])\." + _WB, "{reg}"),
     (r"query_head\.query_embedding\.weight", "transformer.content_queries.weight"),
-    (r"query_head\.downsample\.0\.weight", "aux.feature_maps.downsample.0.weight"),
+    (r"query_head\.downsample\.0\." + _WB, "aux.feature_maps.downsample.0.{1}"),
     (r"query_head\.downsample\.1\." + _WB, "aux.feature_maps.downsample.1.{1}"),
     (r"query_head\.transformer\.head_pos_embed\.weight", "aux.head_pos_embed"),
     (r"query_head\.transformer\.aux_pos_trans\.(\d+)\." + _WB, "aux.query_embeddings.{h1}.pos_trans.{2}"),

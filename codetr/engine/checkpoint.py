@@ -51,9 +51,18 @@ def _summarize(keys: list[str]) -> str:
     return f"{len(keys)} keys in {shown}"
 
 
+# Parameters added since a checkpoint format was written, with the value that leaves an older model's
+# function unchanged: the auxiliary stride-128 conv gained the released model's bias (zero = no bias).
+ADDED_PARAMETERS = {"aux.feature_maps.downsample.0.bias": "aux.feature_maps.downsample.0.weight"}
+
+
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Strict load that, on mismatch, names the missing, unexpected and wrongly shaped keys."""
     own = model.state_dict()
+    state_dict = dict(state_dict)
+    for added, sibling in ADDED_PARAMETERS.items():
+        if added in own and added not in state_dict and sibling in state_dict:
+            state_dict[added] = torch.zeros_like(own[added])
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = sorted(k for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)

@@ -165,7 +165,11 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         load_model_state(self.model, state["model"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # parameter groups of another size: an older codetr's model
+            raise CheckpointError(f"cannot resume from {path}: its optimizer state does not fit this model ({error}); "
+                                  "it was written by an older codetr: start a new run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

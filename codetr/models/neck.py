@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias)
     nn.init.xavier_uniform_(conv.weight)
     return nn.Sequential(conv, nn.GroupNorm(32, out_channels))
 

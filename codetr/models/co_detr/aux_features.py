@@ -29,7 +29,8 @@ class AuxFeatureMaps(nn.Module):
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.downsample = conv_gn(d_model, d_model, 3, stride=2)
+        # The released downsample is a plain nn.Conv2d, with a bias (GroupNorm does not cancel it).
+        self.downsample = conv_gn(d_model, d_model, 3, stride=2, bias=True)
 
     def forward(self, memory: Tensor, feats: FlatFeatures) -> tuple[list[Tensor], list[Tensor]]:
         maps, masks = memory_to_maps(memory, feats)
