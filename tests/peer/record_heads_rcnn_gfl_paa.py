@@ -6,7 +6,7 @@ Run by hand in the peer venv (never by CI, never imported by the tests):
 
 (PAA's assignment fits scikit-learn's GaussianMixture, which the peer venv does not ship: put a
 scikit-learn for python 3.11 on PYTHONPATH, e.g. `pip install --target DIR --python-version 3.11
---only-binary=:all: --no-deps scikit-learn threadpoolctl joblib`.)
+--only-binary=:all: --no-deps scikit-learn threadpoolctl joblib cloudpickle narwhals`.)
 
 Writes tests/fixtures/peer/head2_{faster_rcnn,gfl,paa}.pt (torch.save of plain tensors / dicts / lists):
   - "config": the dimensions and the mmdet settings used, "loss_weights": mmdet's loss_weight per term;
@@ -72,7 +72,9 @@ def make_inputs(seed: int = 0) -> dict:
                       [100.5, 60.2, 160.7, 110.1],
                       [150.3, 100.9, 215.6, 155.2],
                       [60.8, 90.4, 92.6, 140.3]]),
-        torch.tensor([[5.4, 8.2, 17.9, 19.3],        # small
+        # small: 20 x 21, its best RPN anchor IoU (about 0.42) lies between min_pos_iou 0.3 and pos_iou_thr 0.7,
+        # so only the RPN's low-quality match makes it positive
+        torch.tensor([[5.4, 8.2, 25.6, 29.5],
                       [20.6, 10.1, 140.2, 112.7],    # large
                       [70.3, 40.5, 120.8, 90.6]]),
     ]
