@@ -147,7 +147,7 @@ def build_config(config_file: str, embed_dims: int, num_points: int):
         else:
             layer.cross_attn_cfg.update(embed_dims=embed_dims, num_points=num_points, dropout=0.0)
     cfg.positional_encoding.num_feats = embed_dims // 2
-    cfg.bbox_head.num_classes = NUM_CLASSES
+    cfg.bbox_head.update(num_classes=NUM_CLASSES, embed_dims=embed_dims)
     cfg.test_cfg.max_per_img = MAX_PER_IMG
     return cfg
 
@@ -192,13 +192,13 @@ def record_forward(model, images: Tensor, samples: list) -> dict:
     more_decoder_inputs, head_inputs = model.pre_decoder(**encoder_outputs)
     decoder_inputs.update(more_decoder_inputs)
     out["init_reference"] = decoder_inputs["reference_points"]
-    if model.as_two_stage:
+    if model.as_two_stage and model.training:  # mmdet returns the proposals' scores only when training
         enc_cls = head_inputs["enc_outputs_class"]
         out["enc_cls"], out["enc_boxes"] = enc_cls, head_inputs["enc_outputs_coord"]
         top = enc_cls[..., 0].topk(model.num_queries + 1, dim=1)
         out["topk_indices"] = top.indices[:, :-1]
         out["topk_margin"] = smallest_gap(top.values)
-    else:
+    elif not model.as_two_stage:
         out["neck"] = list(feats)
     decoder_outputs = model.forward_decoder(**decoder_inputs)
     layers_cls, layers_boxes = model.bbox_head(decoder_outputs["hidden_states"], decoder_outputs["references"])
@@ -214,13 +214,17 @@ def record_variant(name: str, config_file: str, embed_dims: int, num_points: int
     model.load_state_dict(values, strict=True)
     images, samples, inputs = make_batch(seed=0)
 
-    model.eval()
+    # mmdet hands the encoder proposals to the head only in training mode; with every dropout 0 and the
+    # backbone's BatchNorm in eval mode (norm_eval=True) the training forward is the inference one
+    model.train()
     fixture = record_forward(model, images, samples)
+    model.eval()
+    assert torch.equal(record_forward(model, images, samples)["layers_cls"], fixture["layers_cls"])
     with torch.no_grad():
         results = model.predict(images, copy.deepcopy(samples), rescale=True)
     predictions = [{"scores": r.pred_instances.scores, "labels": r.pred_instances.labels,
                     "bboxes": r.pred_instances.bboxes} for r in results]
-    model.train()  # the backbone's BatchNorm stays in eval mode (norm_eval=True); every dropout is 0
+    model.train()
     with torch.no_grad():
         losses = {k: v.detach() for k, v in model.loss(images, copy.deepcopy(samples)).items()}
 
