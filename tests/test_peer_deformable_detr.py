@@ -248,6 +248,24 @@ def test_round_trip_through_a_codetr_checkpoint(variant, tmp_path):
     check_predictions(predictions, r.fixture)
 
 
+@pytest.mark.parametrize("name, two_stage, refine", [("plain", False, False), ("refine", False, True),
+                                                     ("twostage_refine", True, True)])
+def test_full_size_mmdet_layouts_convert(name, two_stage, refine):
+    """mmdet's unmodified configs (the model zoo's layout: ResNet-50, 6 + 6 layers, 300 queries, 80
+    classes). Values are one constant per key (expanded, no memory) and shared modules' keys alias
+    their first key, so the converter must tell refine from shared branches as in a real checkpoint."""
+    layout = torch.load(FIXTURES / "deformable_detr_r50_layouts.pt", weights_only=True)[name]
+    state: dict[str, Tensor] = {}
+    for index, entry in enumerate(layout):
+        source = entry["alias_of"]
+        state[entry["key"]] = state[source] if source else torch.tensor(float(index)).expand(entry["shape"])
+    conversion = convert(state)
+    cfg, t = conversion.model, conversion.model.transformer
+    assert (cfg.two_stage, cfg.with_box_refine, cfg.num_queries, conversion.num_classes) == (two_stage, refine, 300, 80)
+    assert (cfg.backbone.depth, t.d_model, t.num_points, t.num_encoder_layers, t.num_decoder_layers, t.ffn_dim) == (
+        50, 256, 4, 6, 6, 1024)
+
+
 # ----------------------------------------------------------------------------------------------
 # The converter's errors (on the plain variant's state dict: the cheapest to build)
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ several pixels) plus a float64 sum per tensor, which the test checks after regen
 modules that mmdet shares (the prediction branches without box refine) alias the first key of their
 group, exactly as `state_dict()` lists one shared module under every index.
 
+Also writes tests/fixtures/peer/deformable_detr_r50_layouts.pt: each variant's full-size state-dict
+layout (keys, shapes and which keys alias a shared module; no values), as the model zoo's checkpoints
+have it, for the converter's architecture reading.
+
 Writes tests/fixtures/peer/deformable_detr_{plain,refine,twostage_refine}.pt (torch.save of plain
 tensors, dicts and lists):
   - "variant": with_box_refine / as_two_stage / num_queries / num_classes / max_per_img and the config
@@ -242,12 +246,33 @@ def record_variant(name: str, config_file: str, embed_dims: int, num_points: int
     return fixture
 
 
+def full_size_layouts() -> dict[str, list[dict]]:
+    """Per variant, the unmodified config's (ResNet-50, 6 + 6 layers, 300 queries, 80 classes) state-dict
+    layout: [{key, shape, alias_of}], no values. The model zoo's checkpoints have this layout."""
+    import mmdet
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    layouts = {}
+    for name, (config_file, _, _) in VARIANTS.items():
+        cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / "deformable_detr" / config_file))
+        cfg.model.backbone.init_cfg = None
+        first_of_storage, layout = {}, []
+        for key, tensor in MODELS.build(cfg.model).state_dict().items():
+            storage = (tensor.data_ptr(), tuple(tensor.shape))
+            layout.append({"key": key, "shape": tuple(tensor.shape), "alias_of": first_of_storage.get(storage)})
+            first_of_storage.setdefault(storage, key)
+        layouts[name] = layout
+    return layouts
+
+
 def main() -> None:
     from mmdet.utils import register_all_modules
 
     register_all_modules()
     torch.set_num_threads(1)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save(full_size_layouts(), OUT_DIR / "deformable_detr_r50_layouts.pt")
     for name, (config_file, embed_dims, num_points) in VARIANTS.items():
         fixture = record_variant(name, config_file, embed_dims, num_points)
         path = OUT_DIR / f"deformable_detr_{name}.pt"
