@@ -175,7 +175,8 @@ def _branches_differ(state_dict: dict[str, Tensor], num_branches: int) -> bool:
 
     def all_equal(prefix: str) -> bool:
         first = {k[len(prefix) + 3:]: v for k, v in state_dict.items() if k.startswith(f"{prefix}.0.")}
-        copies = ((v, state_dict.get(f"{prefix}.{i}.{name}")) for i in range(1, num_branches) for name, v in first.items())
+        copies = ((v, state_dict.get(f"{prefix}.{i}.{name}"))
+                  for i in range(1, num_branches) for name, v in first.items())
         return all(other is None or torch.equal(v, other) for v, other in copies)  # a missing copy is reported later
 
     cls_shared, reg_shared = all_equal("bbox_head.cls_branches"), all_equal("bbox_head.reg_branches")
@@ -214,11 +215,13 @@ _RULES: list[tuple[str, Callable[[re.Match], str]]] = [
     (r"neck\.extra_convs\.0\.conv\.weight", lambda m: "neck.extra.0.weight"),
     (r"neck\.extra_convs\.0\.gn\.(weight|bias)", lambda m: f"neck.extra.1.{m[1]}"),
     (r"level_embed", lambda m: "transformer.level_embed"),
-    (rf"encoder\.layers\.(\d+)\.self_attn\.{_MSDA}", lambda m: f"transformer.encoder_layers.{m[1]}.self_attn.{m[2]}.{m[3]}"),
+    (rf"encoder\.layers\.(\d+)\.self_attn\.{_MSDA}",
+     lambda m: f"transformer.encoder_layers.{m[1]}.self_attn.{m[2]}.{m[3]}"),
     *_layer_rules("encoder", "transformer.encoder_layers", norms=2),
     (r"decoder\.layers\.(\d+)\.self_attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)",
      lambda m: f"transformer.decoder.layers.{m[1]}.self_attn.{m[2]}"),
-    (rf"decoder\.layers\.(\d+)\.cross_attn\.{_MSDA}", lambda m: f"transformer.decoder.layers.{m[1]}.cross_attn.{m[2]}.{m[3]}"),
+    (rf"decoder\.layers\.(\d+)\.cross_attn\.{_MSDA}",
+     lambda m: f"transformer.decoder.layers.{m[1]}.cross_attn.{m[2]}.{m[3]}"),
     *_layer_rules("decoder", "transformer.decoder.layers", norms=3),
     (r"memory_trans_fc\.(weight|bias)", lambda m: f"transformer.enc_output.{m[1]}"),
     (r"memory_trans_norm\.(weight|bias)", lambda m: f"transformer.enc_output_norm.{m[1]}"),
