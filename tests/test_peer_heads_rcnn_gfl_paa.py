@@ -8,7 +8,9 @@ ground truth, mmdet's loss terms and its assignment. Here codetr's head gets the
 (codetr.convert.mmdet_heads_rcnn_gfl_paa) and the same inputs, and must give
   - every raw loss term equal to mmdet's term divided by mmdet's loss_weight, within float32 tolerance
     LOSS_ATOL = 1e-5, LOSS_RTOL = 1e-4 (the two compute the same sums in a different order);
-  - the same assignment: the same positive anchors / sampled RoIs, each with the same ground-truth box and label.
+  - the same assignment: the same positive anchors / sampled RoIs, each with the same ground-truth box and label;
+    for the Faster-RCNN branch also the same proposals and the same RoI features (Co-DETR's content feature);
+on the recorded batch and on the same batch with image 1 left without ground truth.
 mmdet's random samplers (RPN: 256 anchors, RoI head: 512 RoIs) draw with torch.randperm; the recorder kept
 every draw and the tests replay them in order, checking that codetr asks for a permutation of the same
 length at the same point.
@@ -44,6 +46,21 @@ def load_fixture(kind: str) -> dict:
     path = FIXTURES / f"head2_{kind}.pt"
     assert path.is_file(), f"missing fixture {path}: run tests/peer/record_heads_rcnn_gfl_paa.py in the peer venv"
     return torch.load(path, weights_only=True)
+
+
+CASES = ["main", "image1_without_gt"]
+
+
+def load_case(kind: str, case: str) -> dict:
+    """The fixture of `kind` with "inputs", "losses", "assignment" and "randperm" of one recorded case:
+    "main" (both images with ground truth) or "image1_without_gt" (same maps, image 1 without any GT)."""
+    fixture = load_fixture(kind)
+    if case == "main":
+        return fixture
+    variant = fixture[case]
+    inputs = dict(fixture["inputs"], gt_boxes=variant["gt_boxes"], gt_labels=variant["gt_labels"])
+    return dict(fixture, inputs=inputs, losses=variant["losses"], assignment=variant["assignment"],
+                randperm=variant["randperm"])
 
 
 def aux_inputs(fixture: dict) -> AuxInputs:
@@ -102,6 +119,8 @@ def assert_losses(fixture: dict, losses: dict[str, torch.Tensor]) -> None:
 
 def gt_index_of(target_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
     """[P] index of the GT box each target box [P, 4] is (exactly one, as the targets are copies)."""
+    if len(target_boxes) == 0:
+        return torch.zeros(0, dtype=torch.long)
     same = (target_boxes[:, None, :] == gt_boxes[None, :, :].to(target_boxes.dtype)).all(-1)  # [P, N]
     assert bool((same.sum(1) == 1).all()), "a target box is not exactly one GT box"
     return same.float().argmax(1)
@@ -134,9 +153,10 @@ def faster_rcnn(fixture: dict) -> FasterRCNNHead:
     return build_loaded(head, "faster_rcnn", fixture)
 
 
-def test_faster_rcnn_matches_mmdet(monkeypatch, replay):
+@pytest.mark.parametrize("case", CASES)
+def test_faster_rcnn_matches_mmdet(monkeypatch, replay, case):
     torch.set_num_threads(1)
-    fixture = load_fixture("faster_rcnn")
+    fixture = load_case("faster_rcnn", case)
     head = faster_rcnn(fixture)
     player = replay(fixture)
     rpn_targets = spy(monkeypatch, rpn_module, "rpn_targets_single")
@@ -176,12 +196,15 @@ def test_faster_rcnn_matches_mmdet(monkeypatch, replay):
         assert torch.equal(gt_index_of(cand.target_boxes[:num_pos], inputs["gt_boxes"][image]),
                            roi["pos_assigned_gt_inds"])
         assert cand.num_positives == num_pos and torch.equal(cand.labels, roi["labels"])
+        if "features" in roi:  # recorded for the main case: each RoI's 7 x 7 feature averaged (RoIAlign)
+            torch.testing.assert_close(cand.features, roi["features"], atol=LOSS_ATOL, rtol=LOSS_RTOL)
 
 
 # --------------------------------------------------------------------------------------------------- GFL
-def test_gfl_matches_mmdet(replay):
+@pytest.mark.parametrize("case", CASES)
+def test_gfl_matches_mmdet(replay, case):
     torch.set_num_threads(1)
-    fixture = load_fixture("gfl")
+    fixture = load_case("gfl", case)
     c = fixture["config"]
     head = build_loaded(GFLHead(c["num_classes"], c["in_channels"], num_convs=c["num_convs"], strides=c["strides"],
                                 octave_base_scale=c["octave_base_scale"], reg_max=c["reg_max"], topk=c["topk"]),
@@ -206,9 +229,10 @@ def paa(fixture: dict) -> PAAHead:
     return build_loaded(head, "paa", fixture)
 
 
-def test_paa_matches_mmdet(replay):
+@pytest.mark.parametrize("case", CASES)
+def test_paa_matches_mmdet(replay, case):
     torch.set_num_threads(1)
-    fixture = load_fixture("paa")
+    fixture = load_case("paa", case)
     head = paa(fixture)
     player = replay(fixture)
     inputs = aux_inputs(fixture)
@@ -220,7 +244,7 @@ def test_paa_matches_mmdet(replay):
 
 def test_paa_pre_assignment_and_scores_match_mmdet():
     """The two stages under the GMM split: the MaxIoU pre-assignment and the score of each pre-assigned
-    positive (focal + 1.3 GIoU, the input of the GMM fit)."""
+    positive (focal + 1.3 GIoU, the input of the GMM fit), within LOSS_ATOL / LOSS_RTOL."""
     torch.set_num_threads(1)
     fixture = load_fixture("paa")
     head = paa(fixture)

@@ -16,7 +16,9 @@ Writes tests/fixtures/peer/head2_{faster_rcnn,gfl,paa}.pt (torch.save of plain t
   - "losses": mmdet's loss terms as it returns them (weighted by "loss_weights"; per-level lists summed);
   - "assignment": per image, what mmdet assigned (see each recorder);
   - "randperm": every torch.randperm result drawn while the head ran, in order (the random samplers'
-    draws), so that a test can replay them.
+    draws), so that a test can replay them;
+  - "image1_without_gt": the same head and maps with image 1 left without ground truth: its gt_boxes /
+    gt_labels, losses, assignment and randperm.
 
 Settings: the heads' mmdet 3.3 classes with Co-DETR's released settings where Co-DETR sets them
 (Sense-X/Co-DETR projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py: the RPN on strides
@@ -56,7 +58,8 @@ def feature_sizes() -> list[tuple[int, int]]:
     return [(-(-PAD_HW[0] // s), -(-PAD_HW[1] // s)) for s in STRIDES]
 
 
-def make_inputs(seed: int = 0) -> dict:
+def make_inputs(seed: int = 0, without_gt: tuple[int, ...] = ()) -> dict:
+    """The recorded inputs; images listed in without_gt get no ground truth (same maps)."""
     generator = torch.Generator().manual_seed(seed)
     maps = [torch.randn(2, CHANNELS, h, w, generator=generator) for h, w in feature_sizes()]
     masks = []
@@ -79,6 +82,8 @@ def make_inputs(seed: int = 0) -> dict:
                       [70.3, 40.5, 120.8, 90.6]]),
     ]
     gt_labels = [torch.tensor([0, 1, 2, 3, 1]), torch.tensor([2, 0, 3])]
+    for image in without_gt:
+        gt_boxes[image], gt_labels[image] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
     return {"maps": maps, "masks": masks, "strides": STRIDES, "image_sizes": torch.tensor(IMAGE_SIZES),
             "gt_boxes": gt_boxes, "gt_labels": gt_labels}
 
@@ -175,6 +180,7 @@ def sampling_record(result) -> dict:
 
 # --------------------------------------------------------------------------------------------- RPN + RoI
 def record_faster_rcnn(inputs: dict) -> dict:
+    assert sum(w * h for w, h in feature_sizes()) * 9 < 2 ** 15, "randperm draws are stored as int16"
     rpn_train = ConfigDict(
         assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
                       match_low_quality=True, ignore_iof_thr=-1),
@@ -215,6 +221,7 @@ def record_faster_rcnn(inputs: dict) -> dict:
         rec.wrap(rpn.sampler, "sample", "rpn_sample")
         rec.wrap(roi.bbox_sampler, "sample", "roi_sample")
         rec.wrap(roi.bbox_head, "loss_and_target", "roi_loss_and_target")
+        rec.wrap(roi, "_bbox_forward", "roi_forward")
         # as Co-DETR's detector: the RPN sees every GT as class 0
         rpn_losses, proposals = rpn.loss_and_predict(maps, data_samples(inputs, class_agnostic=True),
                                                      proposal_cfg=rpn_proposal)
@@ -226,9 +233,12 @@ def record_faster_rcnn(inputs: dict) -> dict:
     targets = rec.calls["roi_loss_and_target"][0]["bbox_targets"]  # (labels, label_weights, boxes, box_weights)
     roi_samples = [sampling_record(r) for r in rec.calls["roi_sample"]]
     counts = [len(r["pos_inds"]) + len(r["neg_inds"]) for r in roi_samples]
-    for record, result, labels, boxes in zip(roi_samples, rec.calls["roi_sample"], targets[0].split(counts),
-                                             targets[2].split(counts)):
-        record.update(rois=result.priors.clone(), labels=labels.clone(), target_boxes=boxes.clone())
+    # Co-DETR's content feature of an RoI query: the pooled 7 x 7 feature averaged over the grid
+    features = rec.calls["roi_forward"][0]["bbox_feats"].detach().mean(dim=(2, 3)).split(counts)
+    for record, result, labels, boxes, feats in zip(roi_samples, rec.calls["roi_sample"], targets[0].split(counts),
+                                                    targets[2].split(counts), features):
+        record.update(rois=result.priors.clone(), labels=labels.clone(), target_boxes=boxes.clone(),
+                      features=feats.clone())
     return {
         "config": {"num_classes": NUM_CLASSES, "in_channels": CHANNELS, "fc_channels": RCNN_FC, "num_convs": 1,
                    "rpn_strides": STRIDES, "roi_strides": STRIDES[:4], "finest_scale": 112.0,
@@ -245,7 +255,7 @@ def record_faster_rcnn(inputs: dict) -> dict:
             "proposal_scores": proposal_scores,
             "roi": roi_samples,
         },
-        "randperm": [p.to(torch.int32) for p in rec.randperm],
+        "randperm": [p.to(torch.int16) for p in rec.randperm],
     }
 
 
@@ -278,7 +288,7 @@ def record_gfl(inputs: dict) -> dict:
         # per image, over the valid anchors (levels concatenated): gt_inds 0 negative, k >= 1 -> GT k - 1
         "assignment": {"valid": valid_flags(head, inputs),
                        "gt_inds": [r.gt_inds.clone() for r in rec.calls["assign"]]},
-        "randperm": [p.to(torch.int32) for p in rec.randperm],
+        "randperm": [p.to(torch.int16) for p in rec.randperm],
     }
 
 
@@ -326,7 +336,7 @@ def record_paa(inputs: dict) -> dict:
                        "pre_gt_inds": [r.gt_inds.clone() for r in rec.calls["assign"]],
                        "pos_scores": [r[0].detach().clone() for r in rec.calls["pos_loss"]],
                        "gt_inds": final},
-        "randperm": [p.to(torch.int32) for p in rec.randperm],
+        "randperm": [p.to(torch.int16) for p in rec.randperm],
     }
 
 
@@ -335,11 +345,23 @@ def main() -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, record in (("faster_rcnn", record_faster_rcnn), ("gfl", record_gfl), ("paa", record_paa)):
+        torch.manual_seed(0)  # the samplers' draws, so that a re-recording gives the same fixture
         fixture = record(make_inputs())
+        # the same head and maps with image 1 left without ground truth (the released config trains on
+        # such images: filter_empty_gt=False): losses, assignment and draws only
+        variant = record(make_inputs(without_gt=(1,)))
+        for roi in variant["assignment"].get("roi", []):
+            del roi["features"]  # checked once, on the main inputs (keeps the fixture small)
+        assert all(torch.equal(v, variant["state_dict"][k]) for k, v in fixture["state_dict"].items())
+        fixture["image1_without_gt"] = {
+            "gt_boxes": variant["inputs"]["gt_boxes"], "gt_labels": variant["inputs"]["gt_labels"],
+            **{key: variant[key] for key in ("losses", "assignment", "randperm")},
+        }
         path = OUT / f"head2_{name}.pt"
         torch.save(fixture, path)
         terms = ", ".join(f"{k}={float(v):.6f}" for k, v in fixture["losses"].items())
         print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB; {terms}")
+        print("    image 1 without GT: " + ", ".join(f"{k}={float(v):.6f}" for k, v in variant["losses"].items()))
 
 
 if __name__ == "__main__":
