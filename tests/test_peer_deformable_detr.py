@@ -102,7 +102,6 @@ def batch_inputs(fixture: dict) -> tuple[Tensor, Tensor, list[dict[str, Tensor]]
 
 @functools.lru_cache(maxsize=None)
 def run(variant: str) -> Run:
-    torch.set_num_threads(1)
     fixture = torch.load(FIXTURES / f"deformable_detr_{variant}.pt", weights_only=True)
     state = mmdet_state_dict(fixture["weights"])
     info = fixture["variant"]
