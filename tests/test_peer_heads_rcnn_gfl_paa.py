@@ -282,5 +282,33 @@ def test_converter_is_strict(kind):
         dropped.pop(next(iter(dropped)))
         with pytest.raises(ConversionError, match="without an mmdet value"):
             convert_head(kind, dropped, target=head_state)
+        resized = dict(state)
+        first = next(iter(resized))
+        resized[first] = torch.zeros(3, 3)
+        with pytest.raises(ConversionError, match="shapes differ"):
+            convert_head(kind, resized, target=head_state)
     with pytest.raises(ConversionError, match="unknown head kind"):
         convert_head("yolo", state)
+
+
+def test_converter_rpn_tower_of_conv_modules_and_gfl_bins():
+    """mmdet's RPNHead with num_convs > 1 keeps its convs as ConvModules (rpn_conv.{i}.conv); GFL's
+    integral bins must be 0..reg_max (a checkpoint with other bins would decode other boxes)."""
+    head = FasterRCNNHead(4, 32, num_convs=2, fc_channels=16)
+    target = head.state_dict()
+    mmdet = {}
+    for key, value in target.items():
+        key = key.replace("rpn.tower.0.", "rpn_head.rpn_conv.0.conv.").replace("rpn.tower.2.", "rpn_head.rpn_conv.1.conv.")
+        key = key.replace("rpn.objectness.", "rpn_head.rpn_cls.").replace("rpn.deltas.", "rpn_head.rpn_reg.")
+        key = key.replace("bbox_head.fc1.", "bbox_head.shared_fcs.0.").replace("bbox_head.fc2.", "bbox_head.shared_fcs.1.")
+        key = key.replace("bbox_head.cls.", "bbox_head.fc_cls.").replace("bbox_head.reg.", "bbox_head.fc_reg.")
+        mmdet[key] = torch.randn_like(value)
+    converted = convert_head("faster_rcnn", mmdet, target=target).state_dict
+    assert torch.equal(converted["rpn.tower.2.weight"], mmdet["rpn_head.rpn_conv.1.conv.weight"])
+    head.load_state_dict(converted, strict=True)
+
+    state = dict(load_fixture("gfl")["state_dict"])
+    assert convert_head("gfl", state).skipped == ["integral.project"]
+    state["integral.project"] = torch.linspace(0, 1, 17)
+    with pytest.raises(ConversionError, match="integral.project"):
+        convert_head("gfl", state)
