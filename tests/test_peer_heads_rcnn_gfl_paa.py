@@ -16,7 +16,10 @@ every draw and the tests replay them in order, checking that codetr asks for a p
 length at the same point.
 
 Settings are Co-DETR's released ones for the RPN / RoI head and mmdet's gfl / paa_r50_fpn_1x ones (one
-stacked conv) for GFL / PAA: codetr's defaults, so no option is set. One difference is by design:
+stacked conv) for GFL / PAA: codetr's defaults, so no option is set. The peer's RoI head is mmdet's
+StandardRoIHead: Co-DETR's CoStandardRoIHead (not in mmdet's pip package) samples and computes its losses
+the same way and only adds the sampled RoIs as positive-query inputs, truncated to the batch's smallest
+per-image count; codetr keeps each image's own count by design (see faster_rcnn.py), equal here (512 each).
 mmdet's PAA score voting only changes inference, which the auxiliary heads never run.
 A missing fixture is a failure, not a skip.
 """
