@@ -76,6 +76,8 @@ class AuxConfig:
     max_queries: int = 300
     content_feature: bool = True  # add the projected feature at the positive location to the content query
     head_pos_embed: str = "scalar"  # per-head term on the positional query: "scalar" (released R50), "vector", "none"
+    # FCOS: points in the batch padding are no samples (mmdet's FCOSHead counts them as negatives: false)
+    fcos_ignore_padding: bool = True
 
 
 @dataclass

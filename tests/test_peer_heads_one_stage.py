@@ -17,7 +17,8 @@ Differences from the stock mmdet heads, and how the comparison handles them:
     8..128, GIoU, topk 9); its loss weights 12 / 24 / 12 fold num_dec_layer x lambda_2 = 12, which codetr
     applies in its total loss instead: codetr's head weights are the released ones / 12.
   - FCOS: mmdet's FCOSHead never looks at image sizes, so points in the batch padding are classification
-    negatives; codetr leaves them out by default. The test sets FCOSHead(ignore_padding=False), the
+    negatives; codetr leaves them out by default. The test sets FCOSHead(ignore_padding=False) (config:
+    model.aux.fcos_ignore_padding=false), the
     peer's behaviour, and checks that the default only drops padded points (never a positive). The
     recording uses mmdet's "center-normbbox-centeronreg-giou" settings with the default conv_bias
     ("auto": no bias before GroupNorm); that config's conv_bias=True has no counterpart in codetr's towers

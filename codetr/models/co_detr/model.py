@@ -35,7 +35,7 @@ def build_aux_head(kind: str, num_classes: int, in_channels: int, cfg: AuxConfig
     if kind == "fcos":
         from codetr.models.co_detr.heads.fcos import FCOSHead
 
-        return FCOSHead(num_classes, in_channels, num_convs=num_convs)
+        return FCOSHead(num_classes, in_channels, num_convs=num_convs, ignore_padding=cfg.fcos_ignore_padding)
     if kind == "gfl":
         from codetr.models.co_detr.heads.gfl import GFLHead
 
