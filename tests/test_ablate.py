@@ -18,9 +18,13 @@ SMALL = ["--max-iters", "4", "--set", "data.train_scales=[160]", "--set", "data.
          "train.checkpoint_every=2"]
 
 
+# One epoch, one run at a time: what these tests check (kills, resumes) is about the local launcher.
+ONE_AT_A_TIME = ["--epochs", "1", "--launcher", "local"]
+
+
 def ablate_command(synth_root, out, *extra):
     return [sys.executable, "-m", "cli", "ablate", "--param", "lambda1", "--values", "0.5,1", "--data", str(synth_root),
-            *SMALL, "--out", str(out), *extra]
+            *SMALL, *ONE_AT_A_TIME, "--out", str(out), *extra]
 
 
 def final_metrics(grid_dir):
@@ -122,7 +126,7 @@ def test_failing_run_is_recorded_and_the_others_finish(synth_root, tmp_path):
     spec.write_text("points:\n  - {lambda1: 1}\n  - {lambda1: 1, model.backbone.pretrained: /nonexistent/r18.pth}\n")
     out = tmp_path / "grid"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "cli", "ablate", "--grid", str(spec), "--data", str(synth_root), *SMALL,
+    command = [sys.executable, "-m", "cli", "ablate", "--grid", str(spec), "--data", str(synth_root), *SMALL, *ONE_AT_A_TIME,
                "--max-iters", "2", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 1
@@ -156,7 +160,7 @@ def test_slurm_launcher_through_submitit_local_executor(synth_root, tmp_path, mo
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = grid_from_flags([("lambda1", "0.5")], overrides=[a for a in SMALL[3::2]])
-    table = run_grid(spec, tmp_path / "grid", Schedule(max_iters=2), synth_root,
+    table = run_grid(spec, tmp_path / "grid", Schedule(epochs=1, max_iters=2), synth_root,
                      LaunchOptions(launcher="slurm", poll_s=0.2), show_progress=False, log=lambda text: None)
     status = read_status(tmp_path / "grid" / "lambda1=0.5__seed0")
     assert status["state"] == "done", status
@@ -169,7 +173,7 @@ def test_parallel_launcher_runs_points_concurrently(synth_root, tmp_path):
     from experiments.launchers import LaunchOptions
 
     spec = grid_from_flags([("lambda1", "0.5,2")], overrides=[a for a in SMALL[3::2]])
-    table = run_grid(spec, tmp_path / "grid", Schedule(max_iters=2), synth_root,
+    table = run_grid(spec, tmp_path / "grid", Schedule(epochs=1, max_iters=2), synth_root,
                      LaunchOptions(launcher="parallel", workers=2, device="cpu", poll_s=0.2), show_progress=False,
                      log=lambda text: None)
     assert table.points["seeds_done"].tolist() == [1, 1]
@@ -184,7 +188,7 @@ def test_run_with_two_processes_goes_through_torchrun(synth_root, tmp_path):
     from experiments.launchers import LaunchOptions
 
     spec = grid_from_flags([("lambda1", "1")], overrides=[a for a in SMALL[3::2]])
-    run_grid(spec, tmp_path / "grid", Schedule(max_iters=0), synth_root,
+    run_grid(spec, tmp_path / "grid", Schedule(epochs=1, max_iters=0), synth_root,
              LaunchOptions(gpus_per_run=2, device="cpu", poll_s=0.2), show_progress=False, log=lambda text: None)
     status = read_status(tmp_path / "grid" / "lambda1=1__seed0")
     assert status["state"] == "done", status

@@ -179,11 +179,12 @@ def test_changed_base_is_refused_unless_allowed(tmp_path):
 
 def test_epochs_knob_moves_the_lr_drop_with_the_schedule():
     """co_tiny drops after 10 of 12 epochs: 36 epochs drop after 30, 6 after 5; the R50 1x recipe (11 of 12)
-    becomes 33 of 36; an explicit lr_drop_epochs in the point wins; the default 1-epoch schedule never drops."""
+    becomes 33 of 36; an explicit lr_drop_epochs in the point wins; the default 3-epoch schedule drops after
+    the second (10 * 3 // 12 = 2)."""
     from experiments.params import check_point
 
     spec, base = resolve_base(grid_from_flags([("epochs", "36,6")]), Schedule(), None)
-    assert (base.optim.epochs, base.optim.lr_drop_epochs) == (1, (1,))
+    assert (base.optim.epochs, base.optim.lr_drop_epochs) == (3, (2,))
     got = [check_point(p.values, base).optim for p in spec.points]
     assert [(o.epochs, o.lr_drop_epochs) for o in got] == [(36, (30,)), (6, (5,))]
     pinned = check_point({"epochs": "36", "optim.lr_drop_epochs": "[27,33]"}, base).optim
