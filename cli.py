@@ -216,6 +216,7 @@ def ablate(
             raise CodetrError("--paper-setting needs a --grid spec with paper_preset and paper_epochs "
                               "(e.g. experiments/supp_table2_lambdas.yaml)")
         spec.preset = schedule_of_spec["paper_preset"]
+        spec.name += "-paper"  # its own default folder, beside the CPU analogue's
         schedule_of_spec = {"epochs": schedule_of_spec.get("paper_epochs", 12), "max_iters": 0}
     spec.preset = preset or spec.preset
     spec.overrides = spec.overrides + list(overrides)

@@ -2,7 +2,7 @@
 inference seconds per image, and peak memory, for a preset at a given input size.
 
     python bench/bench_detector.py --preset tiny --size 256x256
-    python bench/bench_detector.py --preset deformable_detr_r50_1x --size 800x1216 --hf
+    python bench/bench_detector.py --preset deformable_detr_pp_r50_1x --size 800x1216 --hf
 
 Each measurement runs in a fresh subprocess so that peak memory (CUDA max allocated, or the process's
 peak RSS on CPU) belongs to that measurement alone. `--hf` adds Hugging Face transformers'
@@ -123,8 +123,9 @@ def main() -> None:
         return
 
     runs = [("codetr", "train"), ("codetr", "infer")]
-    if args.hf and args.preset != "deformable_detr_r50_1x":
-        parser.error("--hf compares against an R50 DeformableDetr: use it with --preset deformable_detr_r50_1x")
+    if args.hf and args.preset != "deformable_detr_pp_r50_1x":
+        parser.error("--hf compares against an R50 two-stage + refine DeformableDetr: use it with --preset "
+                     "deformable_detr_pp_r50_1x")
     if args.hf:
         runs += [("hf", "train"), ("hf", "infer")]
     rows = []

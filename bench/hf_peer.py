@@ -1,5 +1,5 @@
 """The benchmark peer: Hugging Face transformers' DeformableDetr, two-stage + box refine, ResNet-50 from
-transformers (no timm, no pretrained download), sized like our `deformable_detr_r50_1x` preset."""
+transformers (no timm, no pretrained download), sized like our `deformable_detr_pp_r50_1x` preset."""
 from __future__ import annotations
 
 import torch

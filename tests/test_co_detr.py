@@ -256,20 +256,3 @@ def test_every_head_trains_alone_and_together(heads):
                  if v.requires_grad]
         assert moved and any(moved), name
 
-
-def test_released_scalar_of_the_head_numbered_one_stays_zero():
-    """Sense-X builds head_pos_embed as nn.Embedding(K, 1, 1, ...): padding_idx=1. Heads are numbered RoI
-    heads first, so with [atss, faster_rcnn] ATSS is number 1: its scalar is zero and never trained."""
-    from codetr.models.co_detr.model import released_head_numbers
-
-    assert released_head_numbers(["atss", "faster_rcnn"]) == [1, 0]
-    assert released_head_numbers(["atss", "fcos", "faster_rcnn"]) == [1, 2, 0]
-    cfg = co_cfg()
-    torch.manual_seed(0)
-    model = build_detector(cfg.model, num_classes=3)
-    assert model.aux.head_pos_embed[0].item() == 0.0 and model.aux.head_pos_embed[1].item() != 0.0
-    criterion = build_criterion(model, cfg.model)
-    images, masks, targets = batch()
-    total, _ = weighted_total(criterion(model(images, masks, targets), targets), criterion.weights)
-    total.backward()
-    assert model.aux.head_pos_embed.grad[0].item() == 0.0 and model.aux.head_pos_embed.grad[1].item() != 0.0

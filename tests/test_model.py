@@ -102,6 +102,18 @@ def test_plain_model_has_learned_queries_and_one_shared_pair_of_branches():
     assert shared.enc_class_branch is shared.decoder.class_branches[0]  # two-stage without refine shares them too
 
 
+def test_box_branches_start_as_deformable_detr_initialises_them():
+    """Deformable-DETR (and mmdet's head): the last box layer starts at zero, but without two-stage the first
+    branch's size bias is -2 (boxes start 0.12 wide); two-stage boxes start at their proposal's size."""
+    def last_biases(*overrides):
+        decoder = build_detector(plain_cfg(*overrides).model, num_classes=3).transformer.decoder
+        return [branch[-1].bias.tolist() for branch in decoder.box_branches]
+
+    assert last_biases() == [[0.0, 0.0, -2.0, -2.0]] * 3  # one shared branch
+    assert last_biases("model.with_box_refine=true") == [[0.0, 0.0, -2.0, -2.0]] + [[0.0] * 4] * 2
+    assert last_biases("model.two_stage=true") == [[0.0] * 4] * 3
+
+
 def test_plain_decoder_predicts_every_layer_around_the_learned_reference_point():
     """Without refinement each layer's box is sigmoid(delta + [logit(ref_xy), 0, 0]) with the SAME reference
     ref = sigmoid(reference_points(positional half of query_embed)), computed here by hand."""

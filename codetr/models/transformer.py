@@ -287,6 +287,9 @@ class DeformableTransformer(nn.Module):
             self.reference_points = nn.Linear(d_model, 2)
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
+            # A 2-d reference point has no size: the first box branch starts at sigmoid(-2) = 0.12 wide and
+            # high, as in Deformable-DETR (its two-stage boxes start at their proposal's size instead).
+            nn.init.constant_(self.decoder.box_branches[0][-1].bias[2:], -2.0)
         for layer in [*self.encoder_layers, *self.decoder.layers]:
             for linear in layer.ffn:
                 if isinstance(linear, nn.Linear):

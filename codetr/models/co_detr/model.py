@@ -61,13 +61,6 @@ def head_names(kinds: list[str]) -> list[str]:
     return names
 
 
-def released_head_numbers(kinds: list[str]) -> list[int]:
-    """Each head's index in the released code's numbering, which puts the RoI heads first and the one-stage
-    heads after, each group in config order: ['atss', 'faster_rcnn'] -> [1, 0]."""
-    order = [i for i, k in enumerate(kinds) if k == "faster_rcnn"] + [i for i, k in enumerate(kinds) if k != "faster_rcnn"]
-    return [order.index(i) for i in range(len(kinds))]
-
-
 @dataclass
 class AuxBranchOutput:
     """One auxiliary head's training outputs: its own losses/assignment and its positive-query pass."""
@@ -92,19 +85,15 @@ class CollaborativeBranches(nn.Module):
         self.feature_maps = AuxFeatureMaps(d_model)
         self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg) for k in cfg.heads)
         self.query_embeddings = nn.ModuleList(PositiveQueryEmbedding(d_model, cfg.content_feature) for _ in cfg.heads)
-        # The released R50 model has a per-head scalar (an nn.Embedding(K, 1, 1, ...) made by accident); "vector"
+        # The released R50 model has a per-head scalar (an nn.Embedding(K, 1) made by accident); "vector"
         # is the intended per-head embedding [K, d_model]. The released code adds it only together with the
         # content feature, so without that feature it is not built (it would never receive a gradient).
         width = {"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed) if cfg.content_feature else None
         self.head_pos_embed = nn.Parameter(torch.zeros(len(cfg.heads), width)) if width else None
-        # The accidental third argument is padding_idx=1: the released scalar of the head numbered 1 (heads
-        # numbered RoI heads first, then one-stage heads: ATSS in the R50 model) stays zero, untrained.
-        self.zero_pos_row = released_head_numbers(cfg.heads).index(1) if width == 1 and len(cfg.heads) > 1 else None
+        # (Its accidental third argument is padding_idx=1, which has no effect: the released code reads
+        # `.weight[i]` directly, and its init_weights xavier-fills every row.)
         if self.head_pos_embed is not None:
             nn.init.xavier_uniform_(self.head_pos_embed)  # as the released model initialises it
-            if self.zero_pos_row is not None:
-                with torch.no_grad():
-                    self.head_pos_embed[self.zero_pos_row].zero_()
 
     def loss_weights(self) -> dict[str, dict[str, float]]:
         """Each head's own per-term weights, by head name."""
@@ -127,8 +116,7 @@ class CollaborativeBranches(nn.Module):
         for index, (name, head, embed) in enumerate(zip(self.names, self.heads, self.query_embeddings)):
             head_out = head(inputs)
             queries = gather_queries(head_out.candidates, image_sizes, self.cfg.min_queries, self.cfg.max_queries)
-            use_embed = self.head_pos_embed is not None and index != self.zero_pos_row
-            head_embed = self.head_pos_embed[index] if use_embed else None
+            head_embed = self.head_pos_embed[index] if self.head_pos_embed is not None else None
             content, pos = embed(queries, head_embed)
             decoded = decoder(content, pos, queries.ref_boxes, out.memory, out.feats)
             branches.append(AuxBranchOutput(name, head_out, PositiveQueryOutput(decoded, queries)))

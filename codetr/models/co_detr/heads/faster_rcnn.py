@@ -10,7 +10,7 @@ Loss terms (raw; the caller applies `loss_weights` and num_decoder_layers * lamb
   loss_rpn_bbox  L1 on the positive anchors' deltas                    weight 1.0
   loss_cls       softmax CE on the sampled RoIs (background last)      weight 1.0
   loss_bbox      GIoU on the positive RoIs' decoded boxes              weight 10.0
-(The released config multiplies all four by num_decoder_layers * lambda_2 = 12; see codetr-facts.md.)
+(The released config multiplies all four by num_decoder_layers * lambda_2 = 12; see codetr/models/total_loss.py.)
 
 Differences from the released code, on purpose: candidates are kept per image with their own count
 (Co-DETR truncates every image to the batch's smallest RoI count so that it can stack them; with the
