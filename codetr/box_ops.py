@@ -75,6 +75,13 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = _AREA_EPS) 
     return _giou(boxes1[:, None, :], boxes2[None, :, :], eps)
 
 
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = _AREA_EPS) -> Tensor:
+    """IoU of matched pairs: boxes1 [N, 4] with boxes2 [N, 4], xyxy -> [N] (the quality focal loss's target)."""
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(f"elementwise_box_iou: shapes must match, got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+    return _iou_and_union(boxes1, boxes2, eps)[0]
+
+
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = _AREA_EPS) -> Tensor:
     """Generalized IoU of matched pairs: boxes1 [N, 4] with boxes2 [N, 4], xyxy -> [N].
 

@@ -35,8 +35,12 @@ class TransformerConfig:
     num_decoder_layers: int = 6
     ffn_dim: int = 2048
     dropout: float = 0.0
-    num_levels: int = 4  # feature levels fed to the transformer: strides 8, 16, 32, 64
+    num_levels: int = 4  # feature levels fed to the transformer: 4 = strides 8..64 (C3..C5 + one extra), 5 = 4..64 (C2..)
     num_points: int = 4  # sampling points per head and level
+    # The feature maps' 2-D sine encoding: Deformable-DETR uses temperature 10000 and offset -0.5, DINO and
+    # Co-DINO temperature 20 and offset 0 (mmdet's SinePositionalEncoding default).
+    pos_temperature: float = 10000.0
+    pos_offset: float = -0.5
 
 
 @dataclass
@@ -51,6 +55,19 @@ class LossConfig:
     match_cost_class: float = 2.0
     match_cost_bbox: float = 5.0
     match_cost_giou: float = 2.0
+    # The classification loss of every query branch: "focal" (Deformable-DETR, DINO) or "qfl", the quality
+    # focal loss whose positive target is the IoU of the predicted box with its ground truth (Co-DINO).
+    cls_loss: str = "focal"
+    qfl_beta: float = 2.0
+
+
+@dataclass
+class DenoisingConfig:
+    """DINO's contrastive denoising (CDN) queries, training only. num_queries=0 turns them off."""
+
+    num_queries: int = 100  # groups = num_queries // (most ground-truth boxes of an image in the batch)
+    label_noise: float = 0.5  # a label is replaced by a random class with probability label_noise / 2
+    box_noise: float = 1.0  # corners move by up to box_noise * (w, h) / 2: positives within, negatives beyond
 
 
 AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl", "paa")
@@ -75,13 +92,23 @@ class AuxConfig:
     min_queries: int = 9  # positive queries per image: clamp(max positives in the batch, min, max)
     max_queries: int = 300
     content_feature: bool = True  # add the projected feature at the positive location to the content query
+    # (the released Co-DINO does not: its with_coord_feat=False)
     head_pos_embed: str = "scalar"  # per-head term on the positional query: "scalar" (released R50), "vector", "none"
     # FCOS: points in the batch padding are no samples (mmdet's FCOSHead counts them as negatives: false)
     fcos_ignore_padding: bool = True
+    # The RoI head's level mapping: level 0 for sqrt(w * h) < 2 * finest_scale. 0 = the released value for
+    # the finest level: 112 at stride 8 (Co-Deformable-DETR), 56 at stride 4 (Co-DINO).
+    rcnn_finest_scale: float = 0.0
+
+
+ARCHITECTURES = ("deformable_detr", "dino")
 
 
 @dataclass
 class ModelConfig:
+    # "deformable_detr" (plain or ++, the switches below) or "dino" (DINO: denoising queries, query selection
+    # by the best class score, the reference-point head; always two-stage with refinement)
+    architecture: str = "deformable_detr"
     num_classes: int = 0  # 0: take the number of categories from the training dataset
     num_queries: int = 300
     # Deformable-DETR's own switches, independent of each other. Both off is the paper's "Deformable-DETR"
@@ -90,10 +117,14 @@ class ModelConfig:
     with_box_refine: bool = True  # each decoder layer refines the previous layer's box (own branches per layer)
     mixed_selection: bool = True  # two-stage only: positional queries from the proposals, learned content queries
     look_forward_twice: bool = True  # box refine only: a layer's loss also reaches the previous layer's box
-    num_detections: int = 100  # top-k kept at inference (no NMS)
+    num_detections: int = 100  # top-k kept at inference
+    # Test-time NMS on the top-k: "none" (DETR) or "soft" (Co-DINO's released soft-NMS, linear, per class)
+    test_nms: str = "none"
+    test_nms_iou: float = 0.8
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)  # architecture "dino" only
     aux: AuxConfig = field(default_factory=AuxConfig)
 
 
@@ -111,6 +142,12 @@ class DataConfig:
     test_size: int = 800
     test_max_size: int = 1333
     augment: bool = True  # the paper's train augmentation; False: train images get the test resize only
+    # Large-scale jitter (Co-DINO's LSJ configs): train images resized by a random factor in lsj_scale_range of a
+    # lsj_size square, randomly cropped to it and padded to lsj_size x lsj_size; test images resized to fit
+    # it and padded. The padding counts as image (mmdet's use_lsj): the masks mark none of it.
+    lsj: bool = False
+    lsj_size: int = 1024
+    lsj_scale_range: tuple[float, ...] = (0.1, 2.0)
     invalid_boxes: str = "error"  # "error" or "drop" (mmdet's behaviour: skip them)
     batch_size: int = 2  # per process
     num_workers: int = 2
@@ -204,6 +241,72 @@ def co_deformable_detr_r50_1x() -> Config:
     return cfg
 
 
+def dino_5scale_r50_1x() -> Config:
+    """DINO (Zhang et al. 2023) with 5 feature scales (strides 4..64: C2..C5 + one extra level), 900 queries,
+    100 contrastive denoising queries, focal loss weight 1, R50, 12 epochs. The paper's DINO baseline row
+    (Table 3): 49.4 AP. DINO's own recipe: lr 1e-4, backbone x0.1, no other multiplier."""
+    cfg = Config(preset="dino_5scale_r50_1x")
+    _dino(cfg)
+    return cfg
+
+
+def co_dino_5scale_r50_1x() -> Config:
+    """The released Co-DINO R50 1x (Sense-X `co_dino_5scale_r50_1x_coco`, mmdet's
+    `co_dino_5scale_r50_8xb2_1x_coco`): DINO 5-scale + K=2 (ATSS + Faster-RCNN) on strides 4..128, positive
+    queries without the content feature, quality focal loss (beta 2), lr 2e-4, 300 detections after soft-NMS
+    0.8. Paper (Table 3): 52.1 AP."""
+    cfg = dino_5scale_r50_1x()
+    cfg.preset = "co_dino_5scale_r50_1x"
+    _co_dino(cfg)
+    return cfg
+
+
+def co_dino_5scale_lsj_r50_1x() -> Config:
+    """`co_dino_5scale_r50_1x` trained with large-scale jitter (LSJ: resize to 0.1..2.0 x 1024, crop and pad
+    to 1024 x 1024; the padding counts as image) and tested at 1024 x 1024 (mmdet's
+    `co_dino_5scale_r50_lsj_8xb2_1x_coco`; mmdet's config adds copy-paste, which codetr does not do)."""
+    cfg = co_dino_5scale_r50_1x()
+    cfg.preset = "co_dino_5scale_lsj_r50_1x"
+    cfg.data.lsj = True
+    return cfg
+
+
+def co_dino_5scale_9enc_lsj_r50_3x() -> Config:
+    """Co-DINO with 9 encoder layers (Sense-X `co_dino_5scale_9encoder_lsj_r50_3x_coco`), LSJ, 36 epochs
+    with the lr drop after epoch 30. Released: 56.1 AP."""
+    cfg = co_dino_5scale_lsj_r50_1x()
+    cfg.preset = "co_dino_5scale_9enc_lsj_r50_3x"
+    cfg.model.transformer.num_encoder_layers = 9
+    cfg.optim.epochs = 36
+    cfg.optim.lr_drop_epochs = (30,)
+    return cfg
+
+
+def _dino(cfg: Config) -> None:
+    """DINO's switches and recipe on a config: 5 scales, 900 queries, denoising, focal loss weight 1."""
+    model = cfg.model
+    model.architecture = "dino"
+    model.num_queries = 900
+    model.num_detections = 300
+    model.transformer.num_levels = 5
+    model.transformer.pos_temperature = 20.0
+    model.transformer.pos_offset = 0.0
+    model.loss.cls_weight = 1.0
+    cfg.optim.lr = 1e-4
+    cfg.optim.lr_linear_proj_mult = 1.0
+
+
+def _co_dino(cfg: Config) -> None:
+    """Co-DINO's additions to a DINO config, as released."""
+    model = cfg.model
+    model.aux.heads = ["atss", "faster_rcnn"]
+    model.aux.content_feature = False
+    model.aux.head_pos_embed = "none"
+    model.loss.cls_loss = "qfl"
+    model.test_nms = "soft"
+    cfg.optim.lr = 2e-4
+
+
 def _plain(model: ModelConfig) -> None:
     """Deformable-DETR's switches off: learned queries and reference points, no refinement."""
     model.two_stage = model.with_box_refine = model.mixed_selection = model.look_forward_twice = False
@@ -220,8 +323,10 @@ def _cpu_sized(cfg: Config) -> Config:
     cfg.model.num_queries = 50
     cfg.model.num_detections = 50
     cfg.model.backbone = BackboneConfig(depth=18, frozen_stages=0)
-    cfg.model.transformer = TransformerConfig(
-        d_model=128, num_heads=8, num_encoder_layers=2, num_decoder_layers=3, ffn_dim=512, num_points=4
+    # Sizes only: the number of levels and the positional encoding stay the preset's.
+    cfg.model.transformer = dataclasses.replace(
+        cfg.model.transformer, d_model=128, num_heads=8, num_encoder_layers=2, num_decoder_layers=3, ffn_dim=512,
+        num_points=4,
     )
     # The RoI head's shared FCs scaled down like the FFN (2048 -> 512): at 1024 its 2048 RoIs per batch
     # made the FCs the largest cost of a CPU step.
@@ -259,6 +364,27 @@ def co_tiny() -> Config:
     return cfg
 
 
+def dino_tiny() -> Config:
+    """CPU-sized analogue of `dino_5scale_r50_1x`: ResNet-18 from scratch, 5 scales (strides 4..64), d_model 128,
+    2 encoder / 3 decoder layers, 60 queries, 20 denoising queries, ~160 px images (see `_cpu_sized`)."""
+    cfg = _cpu_sized(dino_5scale_r50_1x())
+    cfg.preset = "dino_tiny"
+    cfg.model.num_queries = 60
+    cfg.model.num_detections = 60
+    cfg.model.denoising.num_queries = 20
+    cfg.optim.lr_linear_proj_mult = 1.0
+    return cfg
+
+
+def co_dino_tiny() -> Config:
+    """CPU-sized analogue of `co_dino_5scale_r50_1x`: `dino_tiny` + K=2 (ATSS + Faster-RCNN) on strides 4..128."""
+    cfg = dino_tiny()
+    cfg.preset = "co_dino_tiny"
+    _co_dino(cfg)
+    cfg.optim.lr = 4e-4
+    return cfg
+
+
 def tiny_pp() -> Config:
     """CPU-sized analogue of `deformable_detr_pp_r50_1x` (Deformable-DETR++)."""
     cfg = _cpu_sized(deformable_detr_pp_r50_1x())
@@ -280,10 +406,16 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "co_deformable_detr_k2_r50_1x": co_deformable_detr_k2_r50_1x,
     "deformable_detr_pp_r50_1x": deformable_detr_pp_r50_1x,
     "co_deformable_detr_r50_1x": co_deformable_detr_r50_1x,
+    "dino_5scale_r50_1x": dino_5scale_r50_1x,
+    "co_dino_5scale_r50_1x": co_dino_5scale_r50_1x,
+    "co_dino_5scale_lsj_r50_1x": co_dino_5scale_lsj_r50_1x,
+    "co_dino_5scale_9enc_lsj_r50_3x": co_dino_5scale_9enc_lsj_r50_3x,
     "tiny": tiny,
     "co_tiny": co_tiny,
     "tiny_pp": tiny_pp,
     "co_tiny_pp": co_tiny_pp,
+    "dino_tiny": dino_tiny,
+    "co_dino_tiny": co_dino_tiny,
 }
 
 # Removed config keys: one line saying what changed (a stored or given value is never reinterpreted).
@@ -414,11 +546,24 @@ def validate(cfg: Config) -> None:
         (cfg.model.backbone.depth in (18, 34, 50, 101, 152), "model.backbone.depth", "one of 18, 34, 50, 101, 152"),
         (0 <= cfg.model.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "0..4"),
         (t.d_model % t.num_heads == 0, "model.transformer.d_model", f"a multiple of num_heads={t.num_heads}"),
-        (t.num_levels == 4, "model.transformer.num_levels", "4 (strides 8, 16, 32, 64)"),
+        (t.num_levels in (4, 5), "model.transformer.num_levels", "4 (strides 8..64) or 5 (strides 4..64)"),
+        (cfg.model.architecture in ARCHITECTURES, "model.architecture", " or ".join(ARCHITECTURES)),
+        (cfg.model.architecture != "dino" or (cfg.model.two_stage and cfg.model.with_box_refine),
+         "model.architecture", "deformable_detr when two_stage or with_box_refine is off (DINO has both)"),
+        (cfg.model.loss.cls_loss in ("focal", "qfl"), "model.loss.cls_loss", "'focal' or 'qfl'"),
+        (cfg.model.test_nms in ("none", "soft"), "model.test_nms", "'none' or 'soft'"),
+        (0 < cfg.model.test_nms_iou <= 1, "model.test_nms_iou", "in (0, 1]"),
+        (cfg.model.denoising.num_queries >= 0, "model.denoising.num_queries", ">= 0"),
+        (0 < cfg.model.denoising.label_noise <= 1, "model.denoising.label_noise", "in (0, 1]"),
+        (cfg.model.denoising.box_noise > 0, "model.denoising.box_noise", "> 0"),
+        (cfg.model.aux.rcnn_finest_scale >= 0, "model.aux.rcnn_finest_scale", ">= 0 (0: the released value)"),
         (cfg.model.num_queries > 0, "model.num_queries", "> 0"),
         (0 < cfg.model.num_detections, "model.num_detections", "> 0"),
         (cfg.data.invalid_boxes in ("error", "drop"), "data.invalid_boxes", "'error' or 'drop'"),
         (len(cfg.data.crop_size) == 2, "data.crop_size", "two integers MIN,MAX"),
+        (cfg.data.lsj_size > 0, "data.lsj_size", "> 0"),
+        (len(cfg.data.lsj_scale_range) == 2 and 0 < cfg.data.lsj_scale_range[0] <= cfg.data.lsj_scale_range[1],
+         "data.lsj_scale_range", "two numbers 0 < MIN <= MAX"),
         (cfg.data.batch_size > 0, "data.batch_size", "> 0"),
         (cfg.optim.lr > 0, "optim.lr", "> 0"),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),

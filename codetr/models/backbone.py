@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen BatchNorm, returning C3, C4, C5 (strides 8, 16, 32)."""
+"""ResNet backbone with frozen BatchNorm, returning C3..C5 (strides 8, 16, 32) or C2..C5 (4..32)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,10 +25,11 @@ class ResNetBackbone(nn.Module):
     frozen_stages=1 freezes the stem and stage 1 (the paper's setting). ImageNet weights come only
     from a local file (`pretrained`): a torchvision state dict, optionally with an `fc.` head.
 
-    forward(images [B, 3, H, W]) -> [C3, C4, C5], strides 8 / 16 / 32.
+    forward(images [B, 3, H, W]) -> [C3, C4, C5], strides 8 / 16 / 32; with first_stage=0 (DINO's 5 scales)
+    [C2, C3, C4, C5], strides 4 / 8 / 16 / 32.
     """
 
-    def __init__(self, depth: int = 50, frozen_stages: int = 1, pretrained: str = "") -> None:
+    def __init__(self, depth: int = 50, frozen_stages: int = 1, pretrained: str = "", first_stage: int = 1) -> None:
         super().__init__()
         resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
         if pretrained:
@@ -36,8 +37,9 @@ class ResNetBackbone(nn.Module):
         self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.stages = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4])
         expansion = 4 if depth >= 50 else 1
-        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
-        self.out_strides = [8, 16, 32]
+        self.first_stage = first_stage  # index of the first returned stage: 0 = C2, 1 = C3
+        self.out_channels = [64 * 2**stage * expansion for stage in range(first_stage, 4)]
+        self.out_strides = [4 * 2**stage for stage in range(first_stage, 4)]
         frozen = [self.stem, *self.stages][: frozen_stages + 1] if frozen_stages > 0 else []
         for module in frozen:
             for p in module.parameters():
@@ -48,7 +50,7 @@ class ResNetBackbone(nn.Module):
         outputs = []
         for index, stage in enumerate(self.stages):
             x = stage(x)
-            if index >= 1:
+            if index >= self.first_stage:
                 outputs.append(x)
         return outputs
 

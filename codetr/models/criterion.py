@@ -3,7 +3,9 @@ encoder proposals.
 
 Every term is returned RAW (unweighted) under a stable dotted name:
     dec.d{l}.loss_cls / loss_bbox / loss_giou   decoder layer l (0-based; the last is the output layer)
-    enc.loss_cls / loss_bbox / loss_giou        encoder proposals (class-agnostic)
+    enc.loss_cls / loss_bbox / loss_giou        encoder proposals (Deformable-DETR: every token, class-agnostic;
+                                                DINO: the selected top-Q, with their classes)
+    dn.d{l}.loss_cls / ...                      DINO's denoising queries through decoder layer l
     aux.<head>.<term>                           Co-DETR auxiliary head (its own one-to-many losses)
     posq.<head>.d{l}.loss_cls / ...             that head's positive queries through decoder layer l
 Weights (and lambda1 / lambda2) are applied once, in codetr/models/total_loss.py.
@@ -15,10 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from codetr.config import ModelConfig
 from codetr.models.detector import DetectorOutput
-from codetr.models.losses import sigmoid_focal_loss
+from codetr.models.losses import quality_focal_loss, sigmoid_focal_loss
 from codetr.models.matcher import HungarianMatcher
 from codetr.models.total_loss import LossWeights
 
@@ -69,21 +71,30 @@ def detection_losses(
     num_boxes: Tensor,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    cls_loss: str = "focal",
+    qfl_beta: float = 2.0,
 ) -> dict[str, Tensor]:
-    """Focal classification over all queries; L1 and GIoU on positive queries only.
+    """Classification over all queries (focal, or quality focal with the IoU of each positive's detached box
+    as its target); L1 and GIoU on positive queries only.
 
     logits [B, Q, C]; boxes, target_boxes [B, Q, 4] cxcywh normalised; target_labels [B, Q] with C for
     background; positive [B, Q] bool. Each sum is divided by `num_boxes`.
     """
     logits, boxes = logits.float(), boxes.float()  # losses in float32 even after a bf16/fp16 forward
     num_classes = logits.shape[-1]
-    onehot = F.one_hot(target_labels, num_classes + 1)[..., :num_classes].to(logits.dtype)
-    loss_cls = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma).sum() / num_boxes
     pred = boxes[positive].float()
     gt = target_boxes[positive].float()
+    pred_xyxy, gt_xyxy = box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)
+    if cls_loss == "qfl":
+        quality = torch.zeros(target_labels.shape, device=logits.device)
+        quality[positive] = elementwise_box_iou(pred_xyxy.detach(), gt_xyxy)
+        loss_cls = quality_focal_loss(logits.flatten(0, 1), target_labels.flatten(), quality.flatten(), qfl_beta)
+        loss_cls = loss_cls.sum() / num_boxes
+    else:
+        onehot = F.one_hot(target_labels, num_classes + 1)[..., :num_classes].to(logits.dtype)
+        loss_cls = sigmoid_focal_loss(logits, onehot, focal_alpha, focal_gamma).sum() / num_boxes
     loss_bbox = F.l1_loss(pred, gt, reduction="sum") / num_boxes
-    giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
-    loss_giou = (1 - giou).sum() / num_boxes
+    loss_giou = (1 - elementwise_generalized_box_iou(pred_xyxy, gt_xyxy)).sum() / num_boxes
     return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
 
@@ -107,9 +118,14 @@ class SetCriterion(nn.Module):
         logits, boxes = logits.float(), boxes.float()
         indices = self.matcher(logits, boxes, targets)
         labels, target_boxes, positive = dense_targets(indices, targets, logits.shape[1], logits.shape[-1])
-        return detection_losses(
-            logits, boxes, labels, target_boxes, positive, num_boxes, self.cfg.focal_alpha, self.cfg.focal_gamma
-        )
+        return self.losses(logits, boxes, labels, target_boxes, positive, num_boxes)
+
+    def losses(self, logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor, positive: Tensor,
+               normalizer: Tensor) -> dict[str, Tensor]:
+        """`detection_losses` with this model's classification loss."""
+        c = self.cfg
+        return detection_losses(logits, boxes, labels, target_boxes, positive, normalizer, c.focal_alpha,
+                                c.focal_gamma, c.cls_loss, c.qfl_beta)
 
     def forward(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """targets: per image {labels [N] int64, boxes [N, 4] cxcywh normalised}."""
@@ -119,12 +135,26 @@ class SetCriterion(nn.Module):
             for name, value in self.matched_losses(logits, boxes, targets, num_boxes).items():
                 losses[f"dec.d{layer}.{name}"] = value
         if outputs.enc_logits is not None:
-            # Encoder proposals are class-agnostic: every object counts as class 0 (targets are copied).
-            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, agnostic, num_boxes).items():
+            # Deformable-DETR's proposals are class-agnostic: every object counts as class 0 (targets copied).
+            enc_targets = ([{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+                           if outputs.enc_class_agnostic else targets)
+            for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, enc_targets, num_boxes).items():
                 losses[f"enc.{name}"] = value
+        if outputs.denoising is not None:
+            losses.update(self.denoising_losses(outputs.denoising, num_boxes))
         for branch in outputs.aux or []:
             losses.update(self.aux_losses(branch))
+        return losses
+
+    def denoising_losses(self, denoising, num_boxes: Tensor) -> dict[str, Tensor]:
+        """DINO's denoising queries on every decoder layer against their own boxes (no matching), normalised
+        by the positive copies: num_groups x the ground-truth boxes."""
+        queries = denoising.queries
+        normalizer = num_boxes * queries.num_groups
+        losses = {}
+        for layer, (logits, boxes) in enumerate(zip(denoising.logits, denoising.boxes)):
+            terms = self.losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive, normalizer)
+            losses.update({f"dn.d{layer}.{term}": value for term, value in terms.items()})
         return losses
 
     def aux_losses(self, branch) -> dict[str, Tensor]:
@@ -134,8 +164,7 @@ class SetCriterion(nn.Module):
         queries = branch.posq.queries
         num_positive = synced_count(float(queries.positive.sum()), queries.labels.device)
         for layer, (logits, boxes) in enumerate(zip(branch.posq.decoded.logits, branch.posq.decoded.boxes)):
-            terms = detection_losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive,
-                                     num_positive, self.cfg.focal_alpha, self.cfg.focal_gamma)
+            terms = self.losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive, num_positive)
             for term, value in terms.items():
                 losses[f"posq.{branch.name}.d{layer}.{term}"] = value
         return losses

@@ -16,6 +16,7 @@ from codetr.config import ModelConfig
 from codetr.models.backbone import ResNetBackbone
 from codetr.models.neck import ChannelMapper
 from codetr.models.position_encoding import sine_position_encoding
+from codetr.models.soft_nms import batched_soft_nms
 from codetr.models.transformer import DeformableTransformer, FlatFeatures, flatten_levels
 
 
@@ -25,8 +26,10 @@ class DetectorOutput:
 
     pred_logits / pred_boxes: the last decoder layer, [B, Q, num_classes] logits and [B, Q, 4] cxcywh
     boxes normalised to each image's valid region. `layers` holds every decoder layer (the last too)
-    for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals [B, S, *] (two-stage
-    only, else None).
+    for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals (two-stage only, else
+    None): every token [B, S, *], trained class-agnostic (Deformable-DETR), or DINO's selected top-Q [B, Q, *],
+    trained with their classes (`enc_class_agnostic` False). `denoising`: DINO's denoising queries and
+    their predictions (training only, else None).
     `memory` / `feats` are the encoder output and its layout, for the auxiliary branches and analyses.
     """
 
@@ -35,9 +38,11 @@ class DetectorOutput:
     layers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     enc_logits: Tensor | None = None
     enc_boxes: Tensor | None = None
+    enc_class_agnostic: bool = True
     memory: Tensor | None = None
     feats: FlatFeatures | None = None
     aux: list | None = None  # Co-DETR's per-head training outputs (codetr.models.co_detr.model.AuxBranchOutput)
+    denoising: object | None = None  # codetr.models.dino.detector.DenoisingOutput
 
 
 class DeformableDETR(nn.Module):
@@ -49,9 +54,22 @@ class DeformableDETR(nn.Module):
         t = cfg.transformer
         self.num_classes = num_classes
         self.num_detections = cfg.num_detections
-        self.backbone = ResNetBackbone(cfg.backbone.depth, cfg.backbone.frozen_stages, cfg.backbone.pretrained)
+        self.test_nms, self.test_nms_iou = cfg.test_nms, cfg.test_nms_iou
+        self.pos_temperature, self.pos_offset = t.pos_temperature, t.pos_offset
+        # 4 levels: C3..C5 + one extra (strides 8..64); 5 levels: C2..C5 + one extra (strides 4..64)
+        self.backbone = ResNetBackbone(cfg.backbone.depth, cfg.backbone.frozen_stages, cfg.backbone.pretrained,
+                                       first_stage=5 - t.num_levels)
         self.neck = ChannelMapper(self.backbone.out_channels, t.d_model)
-        self.transformer = DeformableTransformer(
+        self.level_strides = (*self.backbone.out_strides, 2 * self.backbone.out_strides[-1])
+        self.transformer = self.build_transformer(cfg, num_classes)
+        # Channels-last convolutions are faster on CPU (mkldnn) and on GPU tensor cores, and the
+        # neck's channels-last outputs flatten into [B, HW, C] tokens without a copy.
+        self.backbone.to(memory_format=torch.channels_last)
+        self.neck.to(memory_format=torch.channels_last)
+
+    def build_transformer(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
+        t = cfg.transformer
+        return DeformableTransformer(
             num_classes=num_classes,
             num_queries=cfg.num_queries,
             d_model=t.d_model,
@@ -67,17 +85,14 @@ class DeformableDETR(nn.Module):
             mixed_selection=cfg.mixed_selection,
             look_forward_twice=cfg.look_forward_twice,
         )
-        # Channels-last convolutions are faster on CPU (mkldnn) and on GPU tensor cores, and the
-        # neck's channels-last outputs flatten into [B, HW, C] tokens without a copy.
-        self.backbone.to(memory_format=torch.channels_last)
-        self.neck.to(memory_format=torch.channels_last)
 
     def extract_features(self, images: Tensor, masks: Tensor) -> FlatFeatures:
         """images [B, 3, H, W], masks [B, H, W] (True = padding) -> flattened multi-level features."""
         maps = self.neck(self.backbone(images.contiguous(memory_format=torch.channels_last)))
         level_masks = [F.interpolate(masks[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
-        pos = [sine_position_encoding(m, num_feats=maps[0].shape[1] // 2).to(maps[0].dtype) for m in level_masks]
-        return flatten_levels(maps, level_masks, pos, self.transformer.level_embed)
+        pos = [sine_position_encoding(m, num_feats=maps[0].shape[1] // 2, temperature=self.pos_temperature,
+                                      offset=self.pos_offset).to(maps[0].dtype) for m in level_masks]
+        return flatten_levels(maps, level_masks, pos, self.transformer.level_embed, self.level_strides)
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
         """images [B, 3, H, W], masks [B, H, W] (True = padding). `targets` is used only by Co-DETR's
@@ -101,8 +116,8 @@ class DeformableDETR(nn.Module):
 
     @torch.no_grad()
     def postprocess(self, outputs: DetectorOutput, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """Top-k (query, class) pairs by sigmoid score, no NMS; boxes clipped to the image, as the released
-        head does before rescaling.
+        """Top-k (query, class) pairs by sigmoid score; boxes clipped to the image, as the released head does
+        before rescaling; then soft-NMS per class where the config asks for it (Co-DINO), else no NMS.
 
         orig_sizes: [B, 2] (h, w) of the original images. Returns per image {scores [k], labels [k]
         (contiguous), boxes [k, 4] xyxy in original-image pixels}.
@@ -115,15 +130,26 @@ class DeformableDETR(nn.Module):
         labels = flat_index % num_classes
         boxes = scale_boxes(torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4)), orig_sizes)
         boxes = clip_boxes(boxes, orig_sizes)
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        results = [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        if self.test_nms == "soft":  # Co-DINO: per-class soft-NMS on the top-k, scores decayed, re-sorted
+            for result in results:
+                decayed, keep = batched_soft_nms(result["boxes"], result["scores"], result["labels"], self.test_nms_iou)
+                result.update(scores=decayed, labels=result["labels"][keep], boxes=result["boxes"][keep])
+        return results
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:
-    """The baseline when `cfg.aux.heads` is empty, else Co-Deformable-DETR. `num_classes` comes from
-    the dataset unless the config fixes it (model.num_classes > 0)."""
+    """Deformable-DETR or DINO (`cfg.architecture`), with Co-DETR's auxiliary branches when `cfg.aux.heads`
+    is not empty (Co-Deformable-DETR, Co-DINO). `num_classes` comes from the dataset unless the config fixes
+    it (model.num_classes > 0)."""
     num_classes = cfg.num_classes or num_classes
+    dino = cfg.architecture == "dino"
     if cfg.aux.heads:
-        from codetr.models.co_detr.model import CoDeformableDETR
+        from codetr.models.co_detr.model import CoDeformableDETR, CoDINO
 
-        return CoDeformableDETR(cfg, num_classes)
+        return (CoDINO if dino else CoDeformableDETR)(cfg, num_classes)
+    if dino:
+        from codetr.models.dino.detector import DINO
+
+        return DINO(cfg, num_classes)
     return DeformableDETR(cfg, num_classes)

@@ -13,6 +13,7 @@ two-stage encoder proposals' loss (a part of the one-to-one baseline) has weight
 
 Raw terms are named (see codetr/models/criterion.py):
     dec.d{l}.<type>, enc.<type>     the one-to-one head (decoder layer l, encoder proposals): L~dec_l
+    dn.d{l}.<type>                  DINO's denoising queries at layer l: part of L~dec_l (weight 1)
     aux.<head>.<term>               auxiliary head i's own one-to-many losses: L^enc_i
     posq.<head>.d{l}.<type>         head i's positive queries through decoder layer l: L^dec_{i,l}
 A term of type loss_cls / loss_bbox / loss_giou weighs cls_weight / bbox_weight / giou_weight (2, 5, 2);
@@ -27,9 +28,9 @@ from codetr.config import ModelConfig
 
 
 def branch_factors(cfg: ModelConfig) -> dict[str, float]:
-    """Eq. 6's factor on each group of terms: {"dec", "enc": 1, "posq": lambda1, "aux": L * lambda2}."""
+    """Eq. 6's factor on each group of terms: {"dec", "enc", "dn": 1, "posq": lambda1, "aux": L * lambda2}."""
     layers = cfg.transformer.num_decoder_layers
-    return {"dec": 1.0, "enc": 1.0, "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
+    return {"dec": 1.0, "enc": 1.0, "dn": 1.0, "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
 
 
 class LossWeights:
@@ -47,7 +48,7 @@ class LossWeights:
     def term_weight(self, name: str) -> float:
         """The term's weight inside its own head's loss, without lambda1 / lambda2."""
         group, *_, term = name.split(".")
-        if group in ("dec", "enc", "posq"):
+        if group in ("dec", "enc", "dn", "posq"):
             return self.type_weights[term]
         if group == "aux":
             return self.aux_head_weights[name.split(".")[1]][term]

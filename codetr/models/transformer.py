@@ -28,17 +28,20 @@ class FlatFeatures:
     spatial_shapes: Tensor  # [L, 2] int64 (H_l, W_l)
     level_start_index: Tensor  # [L] int64
     valid_ratios: Tensor  # [B, L, 2] (w, h) fraction of each map that is not padding
+    strides: tuple[int, ...] = (8, 16, 32, 64)  # each level's stride in input pixels
 
 
-def flatten_levels(maps: list[Tensor], masks: list[Tensor], pos: list[Tensor], level_embed: Tensor) -> FlatFeatures:
-    """maps[l]: [B, C, H_l, W_l], masks[l]: [B, H_l, W_l] (True = pad), pos[l]: [B, C, H_l, W_l]."""
+def flatten_levels(maps: list[Tensor], masks: list[Tensor], pos: list[Tensor], level_embed: Tensor,
+                   strides: tuple[int, ...] = (8, 16, 32, 64)) -> FlatFeatures:
+    """maps[l]: [B, C, H_l, W_l], masks[l]: [B, H_l, W_l] (True = pad), pos[l]: [B, C, H_l, W_l]; strides: per
+    level, in input pixels."""
     shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
     starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
     tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
     pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l] for l, p in enumerate(pos)], 1)
     padding = torch.cat([m.flatten(1) for m in masks], 1)
     valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-    return FlatFeatures(tokens, pos_flat, padding, shapes, starts, valid_ratios)
+    return FlatFeatures(tokens, pos_flat, padding, shapes, starts, valid_ratios, tuple(strides))
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -102,6 +105,16 @@ def encoder_reference_points(feats: FlatFeatures) -> Tensor:
     return points[:, :, None] * feats.valid_ratios[:, None]
 
 
+def run_encoder(layers: nn.ModuleList, feats: FlatFeatures) -> Tensor:
+    """The encoder layers on the flattened features, each token attending around its own position.
+    Returns the memory [B, S, C]."""
+    reference_points = encoder_reference_points(feats)
+    x = feats.tokens
+    for layer in layers:
+        x = layer(x, feats, reference_points)
+    return x
+
+
 class DecoderLayer(nn.Module):
     """Post-norm: self-attention -> LN -> deformable cross-attention -> LN -> FFN -> LN."""
 
@@ -159,12 +172,13 @@ class DecoderOutput:
     hidden: list[Tensor]  # per layer [B, Q, C]
 
 
-def apply_box_delta(delta: Tensor, reference: Tensor) -> Tensor:
+def apply_box_delta(delta: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor:
     """A box branch's output [.., 4] (logit space) applied to a reference [.., 4] cxcywh or [.., 2] (x, y)
-    in [0, 1]: a 2-d reference point moves the centre and the size comes from the delta alone."""
+    in [0, 1]: a 2-d reference point moves the centre and the size comes from the delta alone. `eps` clamps
+    the reference before its logit (Deformable-DETR 1e-5, DINO 1e-3)."""
     if reference.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference)).sigmoid()
-    return torch.cat((delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]), -1).sigmoid()
+        return (delta + inverse_sigmoid(reference, eps)).sigmoid()
+    return torch.cat((delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]), -1).sigmoid()
 
 
 class Decoder(nn.Module):
@@ -298,11 +312,7 @@ class DeformableTransformer(nn.Module):
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
-        reference_points = encoder_reference_points(feats)
-        x = feats.tokens
-        for layer in self.encoder_layers:
-            x = layer(x, feats, reference_points)
-        return x
+        return run_encoder(self.encoder_layers, feats)
 
     def propose(self, memory: Tensor, feats: FlatFeatures) -> EncoderProposals:
         """Score every encoder token as a proposal around a fixed grid box and keep the top Q."""

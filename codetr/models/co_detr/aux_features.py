@@ -1,7 +1,8 @@
 """The auxiliary heads' input: the encoder output as feature maps, plus one coarser level.
 
 Co-DETR runs its one-to-many heads on the ENCODER OUTPUT (not on the neck): the memory [B, S, C] is cut
-back into its levels (strides 8, 16, 32, 64) and a 3x3 stride-2 conv + GroupNorm adds stride 128.
+back into its levels (strides 8, 16, 32, 64; Co-DINO 4..64) and a 3x3 stride-2 conv + GroupNorm adds
+stride 128.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def memory_to_maps(memory: Tensor, feats: FlatFeatures) -> tuple[list[Tensor], l
 
 
 class AuxFeatureMaps(nn.Module):
-    """Encoder memory -> 5 maps at strides 8..128 (the last from a 3x3 stride-2 conv + GN)."""
+    """Encoder memory -> its levels' maps plus one at twice the last stride (a 3x3 stride-2 conv + GN):
+    strides 8..128 for 4 encoder levels, 4..128 for 5."""
 
-    strides = [8, 16, 32, 64, 128]
-
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, level_strides: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
+        self.strides = [*level_strides, 2 * level_strides[-1]]
         # The released downsample is a plain nn.Conv2d, with a bias (GroupNorm does not cancel it).
         self.downsample = conv_gn(d_model, d_model, 3, stride=2, bias=True)
 

@@ -1,4 +1,4 @@
-"""Co-Deformable-DETR: the one-to-one detector plus training-only collaborative branches.
+"""Co-DETR (Co-Deformable-DETR, Co-DINO): a one-to-one detector plus training-only collaborative branches.
 
 The auxiliary parts are built AFTER the baseline detector, so for the same seed the baseline's
 parameters are identical with and without them, and inference (`forward` without targets, in eval
@@ -18,36 +18,44 @@ from codetr.models.co_detr.aux_features import AuxFeatureMaps
 from codetr.models.co_detr.positive_queries import PositiveQueryEmbedding, PositiveQueryOutput, gather_queries
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
 from codetr.models.detector import DeformableDETR, DetectorOutput
+from codetr.models.dino.detector import DINO
+from codetr.models.dino.transformer import DINODecoder
 from codetr.models.transformer import Decoder
 
 
-def build_aux_head(kind: str, num_classes: int, in_channels: int, cfg: AuxConfig) -> nn.Module:
-    """One auxiliary head by its kind (the names of AuxConfig.heads), sized by `cfg` (num_convs, ...)."""
+def build_aux_head(kind: str, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> nn.Module:
+    """One auxiliary head by its kind (the names of AuxConfig.heads), sized by `cfg` (num_convs, ...), on maps
+    at `strides` (the encoder's levels plus the downsampled one: 8..128, or 4..128 for 5-level models)."""
     num_convs = cfg.num_convs
     if kind == "atss":
         from codetr.models.co_detr.heads.atss import ATSSHead
 
-        return ATSSHead(num_classes, in_channels, num_convs=num_convs)
+        return ATSSHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
     if kind == "retinanet":
         from codetr.models.co_detr.heads.retinanet import RetinaNetHead
 
-        return RetinaNetHead(num_classes, in_channels, num_convs=num_convs)
+        return RetinaNetHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
     if kind == "fcos":
-        from codetr.models.co_detr.heads.fcos import FCOSHead
+        from codetr.models.co_detr.heads.fcos import FCOSHead, regress_ranges_for
 
-        return FCOSHead(num_classes, in_channels, num_convs=num_convs, ignore_padding=cfg.fcos_ignore_padding)
+        return FCOSHead(num_classes, in_channels, num_convs=num_convs, ignore_padding=cfg.fcos_ignore_padding,
+                        strides=strides, regress_ranges=regress_ranges_for(strides))
     if kind == "gfl":
         from codetr.models.co_detr.heads.gfl import GFLHead
 
-        return GFLHead(num_classes, in_channels, num_convs=num_convs)
+        return GFLHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
     if kind == "paa":
         from codetr.models.co_detr.heads.paa import PAAHead
 
-        return PAAHead(num_classes, in_channels, num_convs=num_convs)
+        return PAAHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
     if kind == "faster_rcnn":
         from codetr.models.co_detr.heads.faster_rcnn import FasterRCNNHead
 
-        return FasterRCNNHead(num_classes, in_channels, fc_channels=cfg.rcnn_fc_channels)
+        # The RoI head pools from the encoder's levels (all but the downsampled one); released finest_scale:
+        # 112 on strides 8..64 (Co-Deformable-DETR), 56 on strides 4..64 (Co-DINO).
+        finest_scale = cfg.rcnn_finest_scale or 14.0 * strides[0]
+        return FasterRCNNHead(num_classes, in_channels, rpn_strides=strides, roi_strides=strides[:-1],
+                              finest_scale=finest_scale, fc_channels=cfg.rcnn_fc_channels)
     raise ValueError(f"unknown auxiliary head kind {kind!r}")
 
 
@@ -78,17 +86,24 @@ class AuxBranchOutput:
 class CollaborativeBranches(nn.Module):
     """K auxiliary heads on the encoder output, and their positive queries through the shared decoder."""
 
-    def __init__(self, cfg: AuxConfig, num_classes: int, d_model: int) -> None:
+    def __init__(self, cfg: AuxConfig, num_classes: int, d_model: int, level_strides: tuple[int, ...] = (8, 16, 32, 64),
+                 positional_queries: bool = True) -> None:
+        """level_strides: the encoder levels' strides; positional_queries: the decoder takes positional queries
+        (Deformable-DETR) rather than computing them from the reference boxes (DINO)."""
         super().__init__()
         self.cfg = cfg
         self.names = head_names(cfg.heads)
-        self.feature_maps = AuxFeatureMaps(d_model)
-        self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg) for k in cfg.heads)
-        self.query_embeddings = nn.ModuleList(PositiveQueryEmbedding(d_model, cfg.content_feature) for _ in cfg.heads)
+        self.feature_maps = AuxFeatureMaps(d_model, level_strides)
+        strides = tuple(self.feature_maps.strides)
+        self.heads = nn.ModuleList(build_aux_head(k, num_classes, d_model, cfg, strides) for k in cfg.heads)
+        self.query_embeddings = nn.ModuleList(
+            PositiveQueryEmbedding(d_model, cfg.content_feature, positional_queries) for _ in cfg.heads
+        )
         # The released R50 model has a per-head scalar (an nn.Embedding(K, 1) made by accident); "vector"
         # is the intended per-head embedding [K, d_model]. The released code adds it only together with the
         # content feature, so without that feature it is not built (it would never receive a gradient).
-        width = {"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed) if cfg.content_feature else None
+        width = ({"scalar": 1, "vector": d_model}.get(cfg.head_pos_embed)
+                 if cfg.content_feature and positional_queries else None)
         self.head_pos_embed = nn.Parameter(torch.zeros(len(cfg.heads), width)) if width else None
         # (Its accidental third argument is padding_idx=1, which has no effect: the released code reads
         # `.weight[i]` directly, and its init_weights xavier-fills every row.)
@@ -99,7 +114,8 @@ class CollaborativeBranches(nn.Module):
         """Each head's own per-term weights, by head name."""
         return {name: dict(head.loss_weights) for name, head in zip(self.names, self.heads)}
 
-    def forward(self, out: DetectorOutput, masks: Tensor, targets: list[dict[str, Tensor]], decoder: Decoder) -> list[AuxBranchOutput]:
+    def forward(self, out: DetectorOutput, masks: Tensor, targets: list[dict[str, Tensor]],
+                decoder: Decoder | DINODecoder) -> list[AuxBranchOutput]:
         maps, level_masks = self.feature_maps(out.memory, out.feats)
         # Valid (unpadded) size of every image, from the padding mask: [B, 2] (h, w).
         image_sizes = torch.stack(((~masks[:, :, 0]).sum(1), (~masks[:, 0, :]).sum(1)), -1)
@@ -107,7 +123,7 @@ class CollaborativeBranches(nn.Module):
         inputs = AuxInputs(
             maps=maps,
             masks=level_masks,
-            strides=AuxFeatureMaps.strides,
+            strides=self.feature_maps.strides,
             image_sizes=image_sizes,
             gt_boxes=[box_cxcywh_to_xyxy(t["boxes"]) * scales[i] for i, t in enumerate(targets)],
             gt_labels=[t["labels"] for t in targets],
@@ -123,18 +139,29 @@ class CollaborativeBranches(nn.Module):
         return branches
 
 
-class CoDeformableDETR(DeformableDETR):
-    """The baseline detector + `aux` (training only)."""
+class CollaborativeDetector:
+    """Adds Co-DETR's collaborative branches (`aux`, training only) to a one-to-one detector class; see
+    CoDeformableDETR and CoDINO. The branches are built AFTER the detector, so that for the same seed the
+    detector's own parameters are identical with and without them."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
-        super().__init__(cfg, num_classes)  # first, so the baseline's initial weights do not change
-        self.aux = CollaborativeBranches(cfg.aux, num_classes, cfg.transformer.d_model)
+        super().__init__(cfg, num_classes)
+        positional = not isinstance(self.transformer.decoder, DINODecoder)
+        self.aux = CollaborativeBranches(cfg.aux, num_classes, cfg.transformer.d_model, self.level_strides, positional)
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
-        out = super().forward(images, masks)
+        out = super().forward(images, masks, targets)
         if self.training and targets is not None:
             out.aux = self.aux(out, masks, targets, self.transformer.decoder)
         return out
 
     def aux_loss_weights(self) -> dict[str, dict[str, float]]:
         return self.aux.loss_weights()
+
+
+class CoDeformableDETR(CollaborativeDetector, DeformableDETR):
+    """Deformable-DETR (plain or ++) + `aux` (training only)."""
+
+
+class CoDINO(CollaborativeDetector, DINO):
+    """DINO + `aux` (training only): the released Co-DINO."""

@@ -91,25 +91,33 @@ def gather_queries(
 
 
 class PositiveQueryEmbedding(nn.Module):
-    """One head's query embedding: boxes (+ features) -> (content, positional) queries [B, N, C]."""
+    """One head's query embedding: boxes (+ features) -> (content, positional) queries [B, N, C].
 
-    def __init__(self, d_model: int, content_feature: bool = True) -> None:
+    positional=True (Deformable-DETR): LN(Linear(sine(box))) of width 2C is split into (positional, content).
+    positional=False (DINO, whose decoder derives the positional query from the reference box itself):
+    LN(Linear(sine(box))) of width C is the content query and the positional query is None (released Co-DINO).
+    """
+
+    def __init__(self, d_model: int, content_feature: bool = True, positional: bool = True) -> None:
         super().__init__()
         self.d_model = d_model
-        self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
-        self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        self.positional = positional
+        width = 2 * d_model if positional else d_model
+        self.pos_trans = nn.Linear(2 * d_model, width)
+        self.pos_trans_norm = nn.LayerNorm(width)
         nn.init.xavier_uniform_(self.pos_trans.weight)
         self.feature_proj = nn.Linear(d_model, d_model) if content_feature else None
         self.feature_norm = nn.LayerNorm(d_model) if content_feature else None
 
-    def forward(self, queries: PositiveQueryBatch, head_embed: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, queries: PositiveQueryBatch, head_embed: Tensor | None) -> tuple[Tensor, Tensor | None]:
         # Embedded clamped to [0, 1] (the released code embeds sigmoid(inverse_sigmoid(box))); the reference
         # box itself stays unclamped, as released: a large anchor may reach past the image.
         embedded = box_sine_embedding(inverse_sigmoid(queries.ref_boxes).sigmoid(), num_feats=self.d_model // 2)
-        pos, content = self.pos_trans_norm(self.pos_trans(embedded)).split(self.d_model, -1)
+        projected = self.pos_trans_norm(self.pos_trans(embedded))
+        pos, content = projected.split(self.d_model, -1) if self.positional else (None, projected)
         if self.feature_proj is not None and queries.features is not None:
             content = content + self.feature_norm(self.feature_proj(queries.features))
-        if head_embed is not None:
+        if head_embed is not None and pos is not None:
             pos = pos + head_embed
         return content, pos
 

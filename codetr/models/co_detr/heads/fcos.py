@@ -48,6 +48,16 @@ DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 DEFAULT_REGRESS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, INF))
 
 
+def regress_ranges_for(strides: Sequence[int]) -> tuple[tuple[float, float], ...]:
+    """Each level's range of the largest point-to-side distance: (4 s, 8 s] at stride s, the first level from
+    -1 and the last to infinity. DEFAULT_REGRESS_RANGES for strides 8..128; (-1, 32), (32, 64), ... for the
+    4..128 of 5-level models (the paper has no FCOS on Co-DINO; this extends mmdet's pattern)."""
+    ranges = [(4.0 * s, 8.0 * s) for s in strides]
+    ranges[0] = (-1.0, ranges[0][1])
+    ranges[-1] = (ranges[-1][0], INF)
+    return tuple(ranges)
+
+
 def level_points(feature_size: tuple[int, int], stride: int, device: torch.device | None = None) -> Tensor:
     """Points of one level [H*W, 2] (x, y) in pixels, row-major over (y, x) like `Tensor.flatten(2)`."""
     height, width = feature_size
