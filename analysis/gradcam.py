@@ -76,7 +76,7 @@ class CamOptions:
     include_posq [False]: also a CAM for each head's positive-query branch (`posq.<head>`).
     score_topk [100]: k of the score target (capped at the number of pairs).
     levels [None = all]: the encoder levels (0 = stride 8) whose CAMs are combined.
-    grid_level [0]: the level whose grid the CAMs are resized to (0 = finest, stride 8).
+    grid_level [0]: the level whose grid the CAMs are resized to (0 = finest: stride 8, or 4 with 5 levels).
     resize_mode ["bilinear"]: how CAMs are resized to that grid ("bilinear", align_corners=False, keeps
         them non-negative; or "nearest").
     level_weighting ["raw"]: "raw" averages the resized CAMs as they are (a level with larger
@@ -298,7 +298,7 @@ class EncoderOutputCam(AbstractContextManager):
     def _cams(self, memory: Tensor, gradients: dict[str, Tensor | None], targets: dict[str, Tensor],
               outputs: DetectorOutput) -> ImageCams:
         maps, _ = memory_to_maps(memory, outputs.feats)  # L x [1, C, H_l, W_l]
-        result = ImageCams(self.heads, {}, {}, {}, grid_stride=8 * 2**self.options.grid_level)
+        result = ImageCams(self.heads, {}, {}, {}, grid_stride=outputs.feats.strides[self.options.grid_level])
         for head in self.heads:
             gradient = gradients[head]
             grad_maps, _ = memory_to_maps(gradient if gradient is not None else torch.zeros_like(memory), outputs.feats)

@@ -66,7 +66,8 @@ def _resize(grid: Tensor, size_hw: tuple[int, int]) -> Tensor:
 
 
 def level_strides(num_levels: int) -> tuple[int, ...]:
-    """The encoder levels' strides in input pixels: 8, 16, 32, 64 (C3..C5 and the neck's extra level)."""
+    """The default encoder levels' strides in input pixels: 8, 16, 32, 64 (C3..C5 and the neck's extra level);
+    a model's own are in FlatFeatures.strides (4..64 for DINO's 5 levels)."""
     return tuple(8 * 2**level for level in range(num_levels))
 
 
@@ -158,19 +159,20 @@ def attention_density(token_mass: Tensor, spatial_shapes: Tensor, padding_mask: 
 
 
 def decoder_attention_maps(locations: Tensor, weights: Tensor, query_scores: Tensor, top_queries: int,
-                           spatial_shapes: Tensor, padding_mask: Tensor, image_sizes: Tensor) -> list[Tensor]:
+                           spatial_shapes: Tensor, padding_mask: Tensor, image_sizes: Tensor,
+                           strides: Sequence[int] | None = None) -> list[Tensor]:
     """The decoder variant of D per image.
 
     locations [B, Q, M, L, P, 2], weights [B, Q, M, L, P]: the last decoder layer's cross-attention;
     query_scores [B, Q] (max sigmoid class probability); the `top_queries` best queries count, each
-    weighted by its score. Returns B maps [h_i, w_i] in [0, 1].
+    weighted by its score; strides: per level, default level_strides(L). Returns B maps [h_i, w_i] in [0, 1].
     """
     maps = []
     for image, (height, width) in enumerate(image_sizes.tolist()):
         scores, index = query_scores[image].float().topk(min(top_queries, query_scores.shape[1]))
         weighted = weights[image, index].float() * scores[:, None, None, None]
         mass = attention_token_mass(locations[image, index], weighted, spatial_shapes)
-        maps.append(attention_density(mass, spatial_shapes, padding_mask[image], (height, width)))
+        maps.append(attention_density(mass, spatial_shapes, padding_mask[image], (height, width), strides))
     return maps
 
 
@@ -225,11 +227,11 @@ def image_maps(model: nn.Module, batch: Batch, variants: Sequence[str] = VARIANT
     maps = {}
     for variant in variants:
         if variant == "encoder":
-            maps[variant] = encoder_discriminability(out.memory, shapes, padding, sizes)
+            maps[variant] = encoder_discriminability(out.memory, shapes, padding, sizes, out.feats.strides)
         else:
             scores = out.pred_logits.float().sigmoid().amax(-1)  # [B, Q]
             maps[variant] = decoder_attention_maps(recorder.locations, recorder.weights, scores, top_queries,
-                                                   shapes, padding, sizes)
+                                                   shapes, padding, sizes, out.feats.strides)
     return maps
 
 
