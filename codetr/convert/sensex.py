@@ -1,6 +1,7 @@
-"""Sense-X/Co-DETR (mmdet 2.25, mmcv-full 1.5) Co-Deformable-DETR checkpoints -> codetr.
+"""Sense-X/Co-DETR (mmdet 2.25, mmcv-full 1.5) Co-Deformable-DETR and Co-DINO checkpoints -> codetr.
 
-The released `co_deformable_detr_r50_1x_coco` (49.5 AP) is the ++ model (two-stage, box refinement,
+mmdetection 3's projects/CO-DETR port of Co-DINO keeps the same key names, so its checkpoints convert here
+too. The released `co_deformable_detr_r50_1x_coco` (49.5 AP) is the ++ model (two-stage, box refinement,
 mixed query selection, look forward twice) with K = 2 auxiliary heads. Its key tree
 (tests/fixtures/sensex_co_deformable_detr_r50_keys.txt lists every key and shape) and the codetr names:
 
@@ -25,6 +26,14 @@ mixed query selection, look forward twice) with K = 2 auxiliary heads. Its key t
     bbox_head.0.{atss_cls,atss_reg,atss_centerness,scales.l.scale}
                                                        -> aux.heads.j.{cls_pred,reg_pred,centerness_pred,
                                                           level_scales.l.scale}
+
+Co-DINO (recognised by its denoising label embedding) adds, on 5 feature levels (neck.convs.0-3 on C2..C5):
+
+    query_head.transformer.decoder.ref_point_head.{0,2} -> transformer.decoder.ref_point_head.{0,2}
+    query_head.transformer.decoder.norm                -> transformer.decoder.norm
+    query_head.transformer.query_embed                 -> transformer.content_queries
+    query_head.dn_generator.label_embedding            -> denoising.label_embedding
+and its aux_pos_trans are Linear(2C, C) + LN(C) (the positive queries' content, without positional half).
 
 Layouts are the same on both sides, so every tensor is copied as is: nn.MultiheadAttention's packed
 q/k/v in_proj, deformable attention's (heads, levels, points, xy) offsets, the RoI classifier with
@@ -52,6 +61,8 @@ from codetr.convert.common import Conversion, ConversionError
 SOURCE = "sensex"
 RELEASED_PRESET = "co_deformable_detr_r50_1x"  # the released model; the converted config starts from it
 BASELINE_PRESET = "deformable_detr_pp_r50_1x"  # the same without auxiliary heads
+CO_DINO_PRESET, DINO_PRESET = "co_dino_5scale_r50_1x", "dino_5scale_r50_1x"  # the same for Co-DINO checkpoints
+DINO_MARKER = "query_head.dn_generator.label_embedding.weight"
 NUM_HEADS = 8  # attention heads of the released configs: the weights' shapes do not record it
 # Foreign keys codetr has no place for, with why (printed by `codetr convert`).
 UNREPRESENTABLE: dict[str, str] = {}
@@ -94,6 +105,10 @@ _RULES: list[tuple[str, str]] = [
     (r"query_head\.cls_branches\.(\d+)\." + _WB, "{cls}"),
     (r"query_head\.reg_branches\.(\d+)\.([024])\." + _WB, "{reg}"),
     (r"query_head\.query_embedding\.weight", "transformer.content_queries.weight"),
+    (r"query_head\.transformer\.query_embed\.weight", "transformer.content_queries.weight"),
+    (r"query_head\.transformer\.decoder\.ref_point_head\.([02])\." + _WB, "transformer.decoder.ref_point_head.{1}.{2}"),
+    (r"query_head\.transformer\.decoder\.norm\." + _WB, "transformer.decoder.norm.{1}"),
+    (r"query_head\.dn_generator\.label_embedding\.weight", "denoising.label_embedding.weight"),
     (r"query_head\.downsample\.0\." + _WB, "aux.feature_maps.downsample.0.{1}"),
     (r"query_head\.downsample\.1\." + _WB, "aux.feature_maps.downsample.1.{1}"),
     (r"query_head\.transformer\.head_pos_embed\.weight", "aux.head_pos_embed"),
@@ -201,7 +216,9 @@ def read_architecture(state_dict: dict[str, Tensor]) -> Architecture:
         raise ConversionError(f"sensex: attention_weights has {weights_rows} rows, not a multiple of "
                               f"{NUM_HEADS} heads x {num_levels} levels")
     kinds, k_to_j, roi_heads, one_stage_heads = _aux_heads(state_dict)
-    model = copy.deepcopy(get_preset(RELEASED_PRESET if kinds else BASELINE_PRESET).model)
+    dino = DINO_MARKER in state_dict
+    presets = (CO_DINO_PRESET, DINO_PRESET) if dino else (RELEASED_PRESET, BASELINE_PRESET)
+    model = copy.deepcopy(get_preset(presets[0] if kinds else presets[1]).model)
     model.two_stage = model.with_box_refine = True  # the branches counted above say so
     model.backbone.depth = _backbone_depth(state_dict)
     model.backbone.pretrained = ""
@@ -211,10 +228,13 @@ def read_architecture(state_dict: dict[str, Tensor]) -> Architecture:
     t.num_encoder_layers = _count(state_dict, r"query_head\.transformer\.encoder\.layers\.(\d+)\.")
     t.num_decoder_layers = num_decoder
     t.ffn_dim = _need(state_dict, "query_head.transformer.encoder.layers.0.ffns.0.layers.0.0.weight").shape[0]
-    queries = state_dict.get("query_head.query_embedding.weight")
+    queries_key = "query_head.transformer.query_embed.weight" if dino else "query_head.query_embedding.weight"
+    queries = state_dict.get(queries_key)
     if queries is not None and queries.shape[1] != d_model:
-        raise ConversionError(f"sensex: query_head.query_embedding is {tuple(queries.shape)}: codetr's mixed selection "
-                              f"needs [num_queries, {d_model}] content queries")
+        raise ConversionError(f"sensex: {queries_key} is {tuple(queries.shape)}: codetr's learned content queries "
+                              f"are [num_queries, {d_model}]")
+    if dino and queries is None:
+        raise ConversionError(f"sensex: a Co-DINO state dict without {queries_key}")
     model.mixed_selection = queries is not None
     model.num_queries = queries.shape[0] if queries is not None else 300  # two_stage_num_proposals (config only)
     num_classes = _need(state_dict, "query_head.cls_branches.0.weight").shape[0]
