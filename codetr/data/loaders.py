@@ -18,7 +18,7 @@ from codetr.config import DataConfig
 from codetr.data.coco import CocoDetection, resolve_coco_split
 from codetr.data.collate import collate
 from codetr.data.synth import ensure_default_dataset
-from codetr.data.transforms import make_test_transforms, make_train_transforms
+from codetr.data.transforms import make_lsj_transforms, make_test_transforms, make_train_transforms
 from codetr.errors import DataError
 
 
@@ -44,7 +44,9 @@ def resolve_split(cfg: DataConfig, split: str) -> SplitFiles:
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The train split gets the paper's augmentation (unless data.augment=false), val the test resize."""
     files = resolve_split(cfg, split)
-    if split == "train" and cfg.augment:
+    if cfg.lsj:
+        transforms = make_lsj_transforms(split == "train" and cfg.augment, cfg.lsj_size, cfg.lsj_scale_range)
+    elif split == "train" and cfg.augment:
         transforms = make_train_transforms(cfg.train_scales, cfg.max_size, cfg.crop_scales, tuple(cfg.crop_size))
     else:
         transforms = make_test_transforms(cfg.test_size, cfg.test_max_size)

@@ -173,6 +173,74 @@ class Normalize:
         return image, target
 
 
+# mmdet's LSJ pads with this grey (0..255, before normalisation); with use_lsj the padding counts as image.
+LSJ_PAD_VALUE = 114
+
+
+def pad_to_square(image: Image.Image, target: dict, size: int) -> tuple[Image.Image, dict]:
+    """Pad at the bottom / right to size x size with LSJ's grey; the padded square becomes the image (boxes
+    are later normalised by it, and the batch mask marks none of it)."""
+    canvas = Image.new("RGB", (size, size), (LSJ_PAD_VALUE,) * 3)
+    canvas.paste(image, (0, 0))
+    target = dict(target)
+    target["size"] = torch.tensor([size, size], dtype=torch.int64)
+    return canvas, target
+
+
+def fit_scale(height: int, width: int, size: int) -> float:
+    """The keep-ratio scale that fits (h, w) inside size x size (mmdet's Resize with scale (size, size))."""
+    return min(size / height, size / width)
+
+
+class LargeScaleJitter:
+    """Co-DINO's LSJ training augmentation: resize to fit a square of side size * r, r ~ U(scale_range), crop
+    a random size x size window (smaller images are kept whole), drop boxes left under 0.01 px, flip with
+    probability 0.5, pad to size x size."""
+
+    def __init__(self, size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0)) -> None:
+        self.size, self.scale_range = size, tuple(scale_range)
+
+    def __call__(self, image: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+        low, high = self.scale_range
+        ratio = low + (high - low) * torch.rand(()).item()
+        scale = fit_scale(image.height, image.width, self.size * ratio)
+        image, target = resize(image, target, (max(1, round(image.height * scale)), max(1, round(image.width * scale))))
+        height, width = min(self.size, image.height), min(self.size, image.width)
+        top, left = _randint(0, image.height - height), _randint(0, image.width - width)
+        image, target = crop(image, target, (top, left, height, width))
+        wh = target["boxes"][:, 2:] - target["boxes"][:, :2]
+        keep = (wh > 1e-2).all(-1)
+        target = {k: (v[keep] if k in _PER_BOX_KEYS else v) for k, v in target.items()}
+        if torch.rand(()).item() < 0.5:
+            image, target = hflip(image, target)
+        return pad_to_square(image, target, self.size)
+
+
+class LSJTestResize:
+    """Co-DINO's LSJ test transform: resize to fit size x size, pad to it. The predictions, normalised by the
+    padded square, map back to the original image through target["box_extent"]: the original-image pixels
+    (h, w) the square covers."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+        scale_h, scale_w = (fit_scale(image.height, image.width, self.size),) * 2
+        new_h, new_w = max(1, round(image.height * scale_h)), max(1, round(image.width * scale_w))
+        orig_h, orig_w = (int(v) for v in target.get("orig_size", (image.height, image.width)))
+        image, target = resize(image, target, (new_h, new_w))
+        image, target = pad_to_square(image, target, self.size)
+        # the square in original pixels (the resize's exact per-axis factors, as mmdet's scale_factor)
+        target["box_extent"] = torch.tensor([self.size * orig_h / new_h, self.size * orig_w / new_w])
+        return image, target
+
+
+def make_lsj_transforms(train: bool, size: int = 1024, scale_range: Sequence[float] = (0.1, 2.0)) -> Compose:
+    """Large-scale jitter (train) or its fixed-size test resize, then ToTensor and Normalize."""
+    first = LargeScaleJitter(size, scale_range) if train else LSJTestResize(size)
+    return Compose([first, ToTensor(), Normalize()])
+
+
 def make_train_transforms(scales: Sequence[int] = DETR_SCALES, max_size: int = 1333,
                           crop_scales: Sequence[int] = (400, 500, 600),
                           crop_size: tuple[int, int] = (384, 600)) -> Compose:

@@ -249,7 +249,9 @@ def evaluate(
                 outputs = model(batch.images, batch.masks)
             if use_amp:
                 outputs = _to_float32(outputs)
-            orig_sizes = torch.stack([torch.as_tensor(t["orig_size"]) for t in batch.targets]).to(device)  # [B,2] (h,w)
+            # [B, 2] (h, w): the original pixels the (unpadded) input covers; with LSJ the padded square's
+            # extent ("box_extent"), as mmdet's use_lsj scales and clips to the padded input.
+            orig_sizes = torch.stack([torch.as_tensor(t.get("box_extent", t["orig_size"])) for t in batch.targets]).to(device)
             results = model.postprocess(outputs, orig_sizes)
             image_ids = [int(t["image_id"]) for t in batch.targets]
             for image_id, result in zip(image_ids, results):

@@ -9,7 +9,7 @@ import torch
 
 from codetr.config import Config, config_from_dict
 from codetr.data.collate import collate
-from codetr.data.transforms import make_test_transforms
+from codetr.data.transforms import make_lsj_transforms, make_test_transforms
 from codetr.convert import load_any_checkpoint
 from codetr.engine.checkpoint import load_model_state
 from codetr.errors import DataError
@@ -64,7 +64,8 @@ def open_image(path: str | Path) -> PIL.Image.Image:
 def predict_image(detector: LoadedDetector, image: PIL.Image.Image) -> dict[str, torch.Tensor]:
     """Detections for one PIL image: {scores [k], labels [k], boxes [k, 4] xyxy in image pixels}."""
     data = detector.cfg.data
-    transforms = make_test_transforms(data.test_size, data.test_max_size)
+    transforms = (make_lsj_transforms(False, data.lsj_size) if data.lsj
+                  else make_test_transforms(data.test_size, data.test_max_size))
     width, height = image.size
     target = {
         "boxes": torch.zeros(0, 4),
@@ -77,5 +78,6 @@ def predict_image(detector: LoadedDetector, image: PIL.Image.Image) -> dict[str,
     device = next(detector.model.parameters()).device
     batch = collate([(tensor, target)]).to(device)
     outputs = detector.model(batch.images, batch.masks)
-    result = detector.model.postprocess(outputs, torch.tensor([[height, width]], device=device))[0]
+    extent = torch.as_tensor(target.get("box_extent", [height, width]), device=device)[None]  # LSJ: the padded square
+    result = detector.model.postprocess(outputs, extent)[0]
     return {k: v.cpu() for k, v in result.items()}
