@@ -4,61 +4,48 @@ Run by hand in the peer venv (never by CI, never imported by tests):
 
     ~/.cache/codetr-peer/venv/bin/python tests/peer/record_co_dino.py [--projects DIR]
 
-mmdet's pip package has no projects/ folder: DIR is a checkout's `projects` folder holding
-CO-DETR/codetr and CO-DETR/configs (default: $CODETR_MMDET_PROJECTS, else /tmp/masa_src/projects). The
-package CO-DETR/codetr is loaded by importlib under its own module name, which registers CoDETR,
-CoDINOHead, CoDinoTransformer, CoATSSHead and CoStandardRoIHead into mmdet's registry. Its
-`get_aux_targets` moves randperm indices with `.cuda()`: without CUDA this script makes
-`torch.Tensor.cuda` return the tensor itself while the loss runs (nothing else is changed).
+mmdet's pip package has no projects/ folder: DIR is a checkout's `projects` folder (default:
+$CODETR_MMDET_PROJECTS, else /tmp/masa_src/projects). Its CO-DETR/codetr package is loaded by importlib
+under its own module name, which registers CoDETR, CoDINOHead, CoDinoTransformer, CoATSSHead and
+CoStandardRoIHead into mmdet's registry. Its `get_aux_targets` moves randperm indices with `.cuda()`:
+without CUDA, `torch.Tensor.cuda` returns the tensor itself while the loss runs (nothing else changes).
 
-The model is the released co_dino_5scale_r50_8xb2_1x_coco.py (use_lsj=False), loaded from its config
-file and shrunk: ResNet-18, embed_dims 64 everywhere, 2 encoder / 3 decoder layers, FFN 128, 30 queries,
-6 classes, 12 denoising queries (dynamic groups), RoI fc 64, ATSS feat 64, max_per_img 30. Every option
-and loss weight not listed keeps its released value (the auxiliary weights keep num_dec_layer 6 x
-lambda 2 = 12 although this decoder has 3 layers). The batch: two images of valid sizes (96, 128) and
-(128, 88) zero-padded to 128 x 128, with 3 and 2 ground-truth boxes off the pixel grid (no ATSS
-distance ties). Weights are not stored: as in record_deformable_detr.py (whose hashed_uniform /
-fill_rule / filled_state_dict this script imports), each tensor is hashed_uniform * scale + shift, with
-`fill_rule` extended below for Co-DINO's own keys.
+The model is the released co_dino_5scale_r50_8xb2_1x_coco.py (use_lsj=False) read from its config file
+and shrunk: ResNet-18, embed_dims 64, 2 encoder / 3 decoder layers, FFN 128, 30 queries, 6 classes, 12
+denoising queries (dynamic groups), RoI fc 64, ATSS feat 64, max_per_img 30; every other option and
+loss weight is the released one (the auxiliary weights keep num_dec_layer 6 x lambda 2 = 12). The batch:
+images of valid sizes (96, 128) and (128, 88) zero-padded to 128 x 128, 3 and 2 ground-truth boxes off
+the pixel grid. Weights are not stored: as in record_deformable_detr.py (whose hashed_uniform /
+fill_rule / filled_state_dict are imported), each tensor is hashed_uniform * scale + shift, `fill_rule`
+being extended below for Co-DINO's keys. torch.manual_seed(0) precedes the loss pass; the denoising
+noise and every torch.randperm are recorded, and replaying them from seed 0 must reproduce the
+generator's final state (so nothing else drew from it).
 
-torch.manual_seed(0) precedes the loss pass; the denoising noise (torch.rand_like / randint_like) and
-every torch.randperm drawn by the samplers and by get_aux_targets are recorded, and the script checks,
-by replaying those draws from seed 0 and comparing the generator state, that nothing else drew from
-torch's generator.
-
-Writes tests/fixtures/peer/co_dino.pt (torch.save of plain tensors, dicts and lists; loads with
-weights_only=True):
-  - "config": the sizes and options above, "mmdet_model_cfg": the whole shrunk mmdet model config;
-    "weights": [{key, shape, dtype, seed, scale, shift, alias_of, sum}] (see the deformable recorder);
-  - "inputs": images [B, 3, H, W], img_shapes / ori_shapes [B, 2] (h, w), scale_factors [B, 2] (w, h),
-    gt_bboxes per image [N, 4] xyxy pixels of the resized image, gt_labels per image [N];
-  - training pass: "neck" (5 maps), "memory" [B, S, C], "enc_cls" [B, S, K] and "enc_coords_unact"
-    [B, S, 4] (all encoder positions, inf where mmdet marks a proposal invalid), "topk_indices" [B, Q],
-    "topk_score" [B, Q, K], "topk_anchor" [B, Q, 4] (sigmoid), "topk_margin";
-    "dn": noisy_labels [Ndn_total] (the label indices embedded), noise (the four random draws in order:
-    label-noise p, new labels, box rand_sign in {0, 1} (before * 2 - 1), box rand_part), dn_label_query
-    [B, Ndn, C], dn_bbox_query [B, Ndn, 4] (inverse sigmoid of cxcywh), attn_mask [Qt, Qt], dn_meta;
-    "layers_cls" [L, B, Qt, K], "layers_boxes" [L, B, Qt, 4] (denoising queries first),
-    "inter_references" [L + 1, B, Qt, 4]; "aux_downsample" [B, C, 1, 1]: the 6th map that
+Writes tests/fixtures/peer/co_dino.pt (plain tensors, dicts and lists: loads with weights_only=True):
+  - "config" (sizes and options), "mmdet_model_cfg" (the shrunk mmdet config), "weights"
+    [{key, shape, dtype, seed, scale, shift, alias_of, sum}]; "inputs": images [B, 3, H, W], img_shapes /
+    ori_shapes [B, 2] (h, w), scale_factors [B, 2] (w, h), gt_bboxes [N, 4] xyxy pixels, gt_labels [N];
+  - training pass: "neck" (5 maps), "memory" [B, S, C], "enc_cls" [B, S, K], "enc_coords_unact" [B, S, 4]
+    (inf where mmdet marks a proposal invalid), "topk_indices" [B, Q], "topk_score" [B, Q, K],
+    "topk_anchor" [B, Q, 4] (sigmoid), "topk_margin"; "dn": noisy_labels [Ndn_total] (the indices
+    embedded), noise (the 4 draws in order: label-noise p, new labels, box rand_sign in {0, 1} before
+    * 2 - 1, box rand_part), dn_label_query [B, Ndn, C], dn_bbox_query [B, Ndn, 4] (inverse sigmoid of
+    cxcywh), attn_mask [Qt, Qt], dn_meta; "layers_cls" [L, B, Qt, K], "layers_boxes" [L, B, Qt, 4]
+    (denoising queries first), "inter_references" [L + 1, B, Qt, 4]; "aux_downsample": the 6th map
     CoDINOHead.loss hands to the auxiliary heads (the other 5 are memory reshaped: checked, not stored);
-  - "aux": per auxiliary branch in mmdet's order (0: CoStandardRoIHead, 1: CoATSSHead) the
-    get_aux_targets outputs (coords / targets cxcywh normalised, labels, label_weights, bbox_weights,
-    feats) and forward_aux's layers_cls / layers_boxes; "sampling": RPN / RoI sampler positives and
-    negatives per image, ATSS assigned gt_inds per image;
+  - "aux": per auxiliary branch in mmdet's order (0: CoStandardRoIHead, 1: CoATSSHead) get_aux_targets'
+    coords / targets (cxcywh normalised), labels, label_weights, bbox_weights, feats, and forward_aux's
+    layers_cls / layers_boxes; "sampling": RPN / RoI sampler indices, ATSS gt_inds, per image;
   - "losses": model.loss's dict as mmdet returns it (lists per level for RPN / ATSS), detached;
-  - "randperm": [{phase, perm int16}] in draw order (phase: rpn/rcnn sampler pos|neg, aux0|aux1 neg
-    padding or pos subset), "random_calls": counts of every recorded random call;
-  - "predictions": per image {scores, labels, bboxes} of model.predict(rescale=True) (eval mode,
-    soft-NMS); "predictions_before_nms": per image the top-k {scores, labels, bboxes} handed to mmcv's
-    batched_nms; "predict_last_layer": eval-mode last-layer cls [B, Q, K] / boxes [B, Q, 4];
-    "pre_nms_margin" (gap between consecutive top-(k + 1) sigmoid scores), "score_margin" (between
-    consecutive kept scores), "nms_iou_margin" (smallest |IoU - threshold| over same-class pairs);
-  - "soft_nms_cases": 3 synthetic mmcv batched_nms(soft_nms) runs: boxes, scores, idxs, iou_threshold,
-    dets, keep, iou_margin.
+    "randperm": [{phase, perm int16}] in draw order, "random_calls": counts per random function;
+  - "predictions": per image {scores, labels, bboxes} of model.predict(rescale=True) (soft-NMS);
+    "predictions_before_nms": the top-k handed to mmcv's batched_nms; "predict_last_layer": eval-mode
+    last-layer cls / boxes; "pre_nms_margin" (gap between consecutive top-(k + 1) scores),
+    "score_margin" (between kept scores), "nms_iou_margin" (smallest |IoU - threshold|, same class);
+  - "soft_nms_cases": 3 synthetic mmcv batched_nms(soft_nms) runs (inputs, dets, keep, iou_margin).
 
-Also writes tests/fixtures/peer/co_dino_r50_layout.pt: {name: [{key, shape, alias_of}]} for the
-unmodified released R50 model and the Swin-L one (co_dino_5scale_swin_l_16xb1_1x_coco.py); this
-projects/CO-DETR has no 9-encoder-layer config, so that variant is absent.
+Also writes tests/fixtures/peer/co_dino_r50_layout.pt: {name: [{key, shape, alias_of}]} of the released
+R50 model and of co_dino_5scale_swin_l_16xb1_1x_coco.py (projects/CO-DETR has no 9-encoder config).
 """
 from __future__ import annotations
 
@@ -179,7 +166,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: dict[str, list] = {}
-        self.draws: list[dict] = []  # {fn, phase, template shape / dtype, args, kwargs, value}
+        self.draws: list[dict] = []  # {fn, phase, value, replay: (function, args, kwargs)}
         self.phase = "dn"  # outside the auxiliary heads only the denoising queries draw
         self._undo: list = []
 
@@ -216,11 +203,10 @@ class Recorder:
                 if caller.f_code.co_name == "random_choice":  # mmdet's RandomSampler: _sample_pos / _sample_neg
                     caller = caller.f_back
                 side = "neg" if "neg" in caller.f_code.co_name or self._lines_have(caller, "neg_inds") else "pos"
-                template = args[0] if _fn != "randperm" else None
                 phase = f"{self.phase}/{side}" if _fn == "randperm" else self.phase
+                replay_args = args if _fn == "randperm" else (torch.empty_like(args[0]), *args[1:])
                 self.draws.append({"fn": _fn, "phase": phase, "value": value.clone(),
-                                   "args": args[1:] if template is not None else args, "kwargs": kwargs,
-                                   "template": None if template is None else (template.shape, template.dtype)})
+                                   "replay": (_original, replay_args, kwargs)})
                 return value
 
             self.patch(torch, fn, draw)
@@ -235,11 +221,8 @@ class Recorder:
     def replay_draws(self) -> None:
         """Draw the recorded calls again from torch's current generator state."""
         for d in self.draws:
-            fn = getattr(torch, d["fn"])
-            if d["template"] is None:
-                fn(*d["args"], **d["kwargs"])
-            else:
-                fn(torch.empty(d["template"][0], dtype=d["template"][1]), *d["args"], **d["kwargs"])
+            function, args, kwargs = d["replay"]
+            function(*args, **kwargs)
 
     def __enter__(self) -> "Recorder":
         return self
@@ -278,7 +261,7 @@ def detached(value):
     return value
 
 
-def record_loss(model, images: Tensor, samples: list, codetr) -> dict:
+def record_loss(model, images: Tensor, samples: list) -> dict:
     head, transformer = model.query_head, model.query_head.transformer
     last = transformer.decoder.num_layers  # the encoder proposals' branch index
     with Recorder() as rec, torch.no_grad():
@@ -315,7 +298,7 @@ def record_loss(model, images: Tensor, samples: list, codetr) -> dict:
     assert [d["phase"] for d in rec.draws if d["fn"] != "randperm"] == ["dn"] * 4
 
     out: dict = {"neck": detached(calls["neck"][0])}
-    inter_states, inter_references, topk_score, topk_anchor, memory = calls["transformer"][0]
+    _, inter_references, topk_score, topk_anchor, memory = calls["transformer"][0]
     out["memory"] = memory.permute(1, 0, 2).clone()
     enc_cls = calls["enc_cls"][0][1]
     enc_coords_unact = calls["enc_reg"][0][1] + calls["proposals"][0][1]  # as CoDinoTransformer adds them
@@ -334,12 +317,12 @@ def record_loss(model, images: Tensor, samples: list, codetr) -> dict:
                  "dn_label_query": dn_label_query.clone(), "dn_bbox_query": dn_bbox_query.clone(),
                  "attn_mask": attn_mask.clone(), "dn_meta": dict(dn_meta)}
 
-    layers_cls, layers_boxes, _, _, outs = calls["head"][0]
+    layers_cls, layers_boxes = calls["head"][0][:2]
     out.update(layers_cls=layers_cls.clone(), layers_boxes=layers_boxes.clone(),
                inter_references=inter_references.clone())
     aux_maps = calls["head_loss"][0][1]
     start = 0
-    for level, feat in enumerate(aux_maps[:-1]):  # the first 5 aux maps are the memory, reshaped
+    for feat in aux_maps[:-1]:  # the first 5 aux maps are the memory, reshaped
         b, c, h, w = feat.shape
         assert torch.equal(feat, out["memory"][:, start:start + h * w].transpose(1, 2).reshape(b, c, h, w))
         start += h * w
@@ -358,9 +341,10 @@ def record_loss(model, images: Tensor, samples: list, codetr) -> dict:
                        "atss_gt_inds": [r.gt_inds.clone() for r in calls["atss_assign"]]}
     out["losses"] = {k: detached(v) for k, v in losses.items()}
     perms = [d for d in rec.draws if d["fn"] == "randperm"]
-    assert all(int(d["value"].max(initial=0)) < 2**15 for d in perms), "randperm draws are stored as int16"
+    assert all(len(d["value"]) <= 2**15 for d in perms), "randperm draws are stored as int16"
     out["randperm"] = [{"phase": d["phase"], "perm": d["value"].to(torch.int16)} for d in perms]
-    out["random_calls"] = {fn: sum(d["fn"] == fn for d in rec.draws) for fn in ("randperm", "rand_like", "randint_like")}
+    out["random_calls"] = {fn: sum(d["fn"] == fn for d in rec.draws)
+                           for fn in ("randperm", "rand_like", "randint_like")}
     return out
 
 
@@ -371,11 +355,12 @@ def record_predict(model, images: Tensor, samples: list, codetr) -> dict:
         rec.wrap(model.query_head, "forward", "head")
         results = model.predict(images, copy.deepcopy(samples), rescale=True)
     threshold = model.query_head.test_cfg.nms.iou_threshold
+    layers_cls, layers_boxes = rec.calls["head"][0][:2]
     before, margins = [], []
-    for (boxes, scores, labels, _), _ in rec.calls["nms"]:
+    for image, ((boxes, scores, labels, _), _) in enumerate(rec.calls["nms"]):
+        assert torch.equal(scores, layers_cls[-1, image].sigmoid().flatten().topk(MAX_PER_IMG).values)
         before.append({"scores": scores.clone(), "labels": labels.clone(), "bboxes": boxes.clone()})
         margins.append(iou_margin(boxes, labels, threshold))
-    layers_cls, layers_boxes = rec.calls["head"][0][:2]
     predictions = [{"scores": r.pred_instances.scores, "labels": r.pred_instances.labels,
                     "bboxes": r.pred_instances.bboxes} for r in results]
     return {"predictions": predictions, "predictions_before_nms": before,
@@ -446,7 +431,7 @@ def main() -> None:
     model.load_state_dict(values, strict=True)
     images, samples, inputs = make_batch(seed=0)
     model.train()  # the backbone's BatchNorm stays in eval mode (norm_eval=True); every dropout is 0
-    fixture = record_loss(model, images, samples, codetr)
+    fixture = record_loss(model, images, samples)
     model.eval()
     fixture.update(record_predict(model, images, samples, codetr))
     fixture.update(

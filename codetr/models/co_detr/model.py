@@ -128,9 +128,11 @@ class CollaborativeBranches(nn.Module):
             gt_boxes=[box_cxcywh_to_xyxy(t["boxes"]) * scales[i] for i, t in enumerate(targets)],
             gt_labels=[t["labels"] for t in targets],
         )
+        # Every head first, then every head's positive queries, as the released code orders them (and so
+        # draws its random samples: the samplers', then the query padding's).
+        head_outputs = [head(inputs) for head in self.heads]
         branches = []
-        for index, (name, head, embed) in enumerate(zip(self.names, self.heads, self.query_embeddings)):
-            head_out = head(inputs)
+        for index, (name, head_out, embed) in enumerate(zip(self.names, head_outputs, self.query_embeddings)):
             queries = gather_queries(head_out.candidates, image_sizes, self.cfg.min_queries, self.cfg.max_queries)
             head_embed = self.head_pos_embed[index] if self.head_pos_embed is not None else None
             content, pos = embed(queries, head_embed)

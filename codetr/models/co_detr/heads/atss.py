@@ -40,6 +40,13 @@ from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 from codetr.models.losses import sigmoid_focal_loss
 
 
+def unmap(values: Tensor, keep: Tensor, fill: float | int) -> Tensor:
+    """values [M_keep, ...] of the kept rows -> [M, ...] with `fill` in the other rows (mmdet's unmap)."""
+    full = values.new_full((keep.shape[0], *values.shape[1:]), fill)
+    full[keep] = values
+    return full
+
+
 def centerness_targets(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
     """FCOS centerness of each anchor centre inside its GT: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)).
 
@@ -139,8 +146,10 @@ class ATSSHead(nn.Module):
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """Predict, assign (ATSS) and compute the raw losses {"loss_cls", "loss_bbox", "loss_centerness"}.
 
-        Candidates per image: every valid anchor (centre inside the image) with its assignment;
-        features = the input map's feature at the anchor's location [M_valid, C] (keeps its grad).
+        Candidates per image: every anchor, as the released head returns them (mmdet's unmap): a valid anchor
+        (centre inside the image) with its assignment, an invalid one as a zero box labelled background (the
+        positive queries may be padded with it); features = the input map's feature at the anchor's
+        location (keeps its grad).
         """
         self._check(inputs)
         logits, deltas, centerness = self.predict(inputs.maps)
@@ -166,10 +175,10 @@ class ATSSHead(nn.Module):
             pos_centerness.append(centerness[image][keep][pos])
             num_pos_per_image.append(int(pos.sum()))
             candidates.append(Candidates(
-                boxes=image_anchors,
-                labels=labels,
-                target_boxes=targets,
-                features=features[image], feature_index=location[keep],
+                boxes=unmap(image_anchors, keep, 0.0),
+                labels=unmap(labels, keep, self.num_classes),
+                target_boxes=unmap(targets, keep, 0.0),
+                features=features[image], feature_index=location,
                 num_gt=int(gt_boxes.shape[0]),
                 num_classes=self.num_classes,
             ))
