@@ -63,9 +63,14 @@ def test_hand_worked_assignment_and_candidates():
     torch.testing.assert_close(first.features_of(torch.tensor([5]))[0], inputs.maps[0][0, :, 1, 1])
     torch.testing.assert_close(first.features_of(torch.tensor([17]))[0], inputs.maps[1][0, :, 0, 1])
     assert first.features.requires_grad
-    # image 1 is valid on 40 x 40: level 0 centres 0, 16, 32 per axis (9), level 1 centres 0, 32 (4)
-    assert len(second.labels) == 13 and second.num_positives == 0 and second.num_gt == 0
-    torch.testing.assert_close(second.features_of(torch.arange(9)), inputs.maps[0][1, :, :3, :3].flatten(1).t())
+    # image 1 is valid on 40 x 40: level 0 centres 0, 16, 32 per axis (9), level 1 centres 0, 32 (4). As
+    # mmdet's unmap returns them, the other 7 anchors are candidates too: zero boxes, background.
+    valid1 = [y * 4 + x for y in range(3) for x in range(3)] + [16, 17, 18, 19]
+    invalid1 = [i for i in range(20) if i not in valid1]
+    assert len(second.labels) == 20 and second.num_positives == 0 and second.num_gt == 0
+    assert second.labels.tolist() == [3] * 20 and torch.equal(second.boxes[invalid1], torch.zeros(7, 4))
+    torch.testing.assert_close(second.boxes[valid1], head.anchors(inputs.maps)[0][valid1])
+    torch.testing.assert_close(second.features_of(torch.tensor(valid1[:9])), inputs.maps[0][1, :, :3, :3].flatten(1).t())
 
 
 def test_losses_match_independent_reference():
@@ -112,7 +117,8 @@ def test_no_gt_images_and_tower_depths(num_convs):
     out = head(inputs)
     assert all(torch.isfinite(v) for v in out.losses.values())
     assert out.losses["loss_bbox"].item() == 0.0 and out.losses["loss_centerness"].item() == 0.0
-    assert [c.num_positives for c in out.candidates] == [0, 0] and [len(c.labels) for c in out.candidates] == [20, 13]
+    assert [c.num_positives for c in out.candidates] == [0, 0] and [len(c.labels) for c in out.candidates] == [20, 20]
+    assert out.candidates[1].boxes.abs().sum(-1).eq(0).sum() == 7  # the anchors outside image 1, as zero boxes
     sum(out.losses.values()).backward()
     assert inputs.maps[0].grad is not None and torch.isfinite(inputs.maps[0].grad).all()
 
@@ -142,10 +148,11 @@ def test_smoke_training_decreases_loss_and_reaches_inputs():
     # GroupNorm(32) on 32 channels zeroes the 1x1 stride-128 map inside the tower (no gradient there)
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in inputs.maps[:4])
     assert history[-1] < 0.5 * history[0], history
-    # every GT got positives; image 1 keeps the anchors centred in its 100 x 120 region:
-    # 15 x 13 + 8 x 7 + 4 x 4 + 2 x 2 + 1 at strides 8..128
+    # every GT got positives; image 1's valid anchors are those centred in its 100 x 120 region:
+    # 15 x 13 + 8 x 7 + 4 x 4 + 2 x 2 + 1 at strides 8..128; the others are zero-box candidates
     assert all(c.num_positives > 0 for c in out.candidates)
-    assert [len(c.labels) for c in out.candidates] == [256 + 64 + 16 + 4 + 1, 195 + 56 + 16 + 4 + 1]
+    assert [len(c.labels) for c in out.candidates] == [256 + 64 + 16 + 4 + 1] * 2
+    assert int((out.candidates[1].boxes.abs().sum(-1) > 0).sum()) == 195 + 56 + 16 + 4 + 1
 
 
 def test_autocast_bfloat16():

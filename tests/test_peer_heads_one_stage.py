@@ -156,10 +156,15 @@ def test_anchor_assignment_identical(kind: str) -> None:
     for image, cand in enumerate(out.candidates):
         valid = recorded["valid"][image]
         gt_inds = recorded["gt_inds"][image]  # over the valid anchors: 0 negative, -1 ignored, k -> GT k - 1
-        # RetinaNet leaves ignored anchors out of its candidates; ATSS ignores none
+        # RetinaNet leaves ignored anchors out of its candidates; ATSS ignores none and, as mmdet's unmap,
+        # returns every anchor: the invalid ones as zero boxes labelled background
         kept = gt_inds >= 0
         if kind == "atss":
             assert bool(kept.all())
+            assert torch.equal(cand.boxes[~valid], torch.zeros(int((~valid).sum()), 4))
+            assert bool((cand.labels[~valid] == num_classes).all())
+            cand = Candidates(cand.boxes[valid], cand.labels[valid], cand.target_boxes[valid], None, cand.num_gt,
+                              cand.num_classes)
         torch.testing.assert_close(cand.boxes, recorded["anchors"][valid][kept], rtol=0, atol=1e-4)
         expected_pos = gt_inds[kept] > 0
         assert torch.equal(cand.positive, expected_pos)
