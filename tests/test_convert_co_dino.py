@@ -1,0 +1,91 @@
+"""Released Co-DINO R50 checkpoints (Sense-X and mmdetection 3's projects/CO-DETR share the key names) ->
+codetr: complete, strict, and placed right.
+
+The key list and shapes are those of mmdet 3.3's own Co-DINO R50 model (co_dino_5scale_r50_8xb2_1x_coco,
+recorded by tests/peer/record_co_dino.py into tests/fixtures/peer/co_dino_r50_layout.pt); the values are
+random. That the converted weights compute what mmdet computes is tests/test_peer_co_dino.py's job (a small
+Co-DINO with every kind of tensor); here the full-size layout must convert with no unmapped key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codetr.config import get_preset
+from codetr.convert import detect_source
+from codetr.convert.common import ConversionError
+from codetr.convert.sensex import convert
+from codetr.engine.checkpoint import load_model_state
+from codetr.models.detector import build_detector
+
+LAYOUT = Path(__file__).parent / "fixtures" / "peer" / "co_dino_r50_layout.pt"
+torch.set_num_threads(1)
+
+
+def layout_state_dict(name: str) -> dict[str, torch.Tensor]:
+    layout = torch.load(LAYOUT, weights_only=True)[name]
+    generator = torch.Generator().manual_seed(0)
+    return {e["key"]: (torch.tensor(0) if e["key"].endswith("num_batches_tracked")
+                       else torch.randn(e["shape"], generator=generator)) for e in layout}
+
+
+@pytest.fixture(scope="module")
+def r50():
+    state = layout_state_dict("r50")
+    return state, convert(state)
+
+
+def test_r50_converts_completely_into_the_released_preset(r50):
+    state, conversion = r50
+    assert detect_source(state) == "sensex"
+    assert conversion.model == get_preset("co_dino_5scale_r50_1x").model  # exactly the released preset
+    assert conversion.num_classes == 80
+    assert sorted(conversion.skipped) == sorted(k for k in state if k.endswith("num_batches_tracked"))
+    assert len(conversion.state_dict) + len(conversion.skipped) == len(state)  # nothing dropped silently
+    with torch.device("meta"):
+        model = build_detector(conversion.model, conversion.num_classes)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes.keys() == conversion.state_dict.keys()
+    assert all(conversion.state_dict[k].shape == shape for k, shape in shapes.items())
+
+
+PLACES = [
+    ("neck.convs.0.conv.weight", "neck.lateral.0.0.weight"),  # C2, 256 channels
+    ("neck.extra_convs.0.conv.weight", "neck.extra.0.weight"),
+    ("query_head.transformer.level_embeds", "transformer.level_embed"),  # [5, 256]
+    ("query_head.transformer.query_embed.weight", "transformer.content_queries.weight"),  # [900, 256]
+    ("query_head.transformer.decoder.ref_point_head.0.weight", "transformer.decoder.ref_point_head.0.weight"),
+    ("query_head.transformer.decoder.ref_point_head.2.bias", "transformer.decoder.ref_point_head.2.bias"),
+    ("query_head.transformer.decoder.norm.weight", "transformer.decoder.norm.weight"),
+    ("query_head.dn_generator.label_embedding.weight", "denoising.label_embedding.weight"),
+    ("query_head.cls_branches.6.weight", "transformer.enc_class_branch.weight"),
+    ("query_head.reg_branches.6.4.bias", "transformer.enc_box_branch.4.bias"),
+    ("query_head.cls_branches.2.bias", "transformer.decoder.class_branches.2.bias"),
+    # mmdet's head k=0 is the RoI head, k=1 ATSS; codetr's heads are [atss, faster_rcnn]
+    ("query_head.transformer.aux_pos_trans.0.weight", "aux.query_embeddings.1.pos_trans.weight"),  # [256, 512]
+    ("query_head.transformer.aux_pos_trans_norm.1.bias", "aux.query_embeddings.0.pos_trans_norm.bias"),
+    ("rpn_head.rpn_cls.weight", "aux.heads.1.rpn.objectness.weight"),
+    ("roi_head.0.bbox_head.fc_cls.weight", "aux.heads.1.roi_head.bbox_head.cls.weight"),
+    ("bbox_head.0.scales.5.scale", "aux.heads.0.level_scales.5.scale"),  # 6 levels: strides 4..128
+]
+
+
+@pytest.mark.parametrize("foreign_key, codetr_key", PLACES)
+def test_each_tensor_lands_in_its_place(r50, foreign_key, codetr_key):
+    state, conversion = r50
+    assert torch.equal(conversion.state_dict[codetr_key], state[foreign_key])
+
+
+def test_an_unknown_key_or_a_wrong_shape_is_one_error_naming_it(r50):
+    state, _ = r50
+    extra = dict(state, **{"query_head.transformer.mystery.weight": torch.zeros(3)})
+    with pytest.raises(ConversionError, match="query_head.transformer.mystery.weight"):
+        convert(extra)
+    wrong = dict(state, **{"query_head.transformer.decoder.norm.weight": torch.zeros(128)})
+    with pytest.raises(ConversionError, match=r"decoder\.norm\.weight is \(128,\)"):
+        convert(wrong)
+    missing = {k: v for k, v in state.items() if k != "query_head.transformer.decoder.ref_point_head.0.weight"}
+    with pytest.raises(ConversionError, match="ref_point_head.0.weight"):
+        convert(missing)
