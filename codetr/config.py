@@ -20,11 +20,15 @@ from typing import Any, Callable
 from codetr.errors import ConfigError
 
 
+BACKBONE_KINDS = ("resnet", "swin_t", "swin_s", "swin_b", "swin_l")
+
+
 @dataclass
 class BackboneConfig:
+    kind: str = "resnet"  # "resnet" (torchvision, `depth`) or a Swin size as Co-DETR releases them (codetr/models/swin.py)
     depth: int = 50  # torchvision ResNet depth: 18, 34, 50, 101
-    frozen_stages: int = 1  # 0: nothing frozen; 1: stem + stage 1 frozen (the paper); up to 4
-    pretrained: str = ""  # path to a local torchvision ImageNet state-dict file; never downloaded
+    frozen_stages: int = 1  # ResNet: 0 nothing frozen; 1 stem + stage 1 frozen (the paper); up to 4. Swin: 0
+    pretrained: str = ""  # path to a local torchvision ImageNet ResNet state-dict file; never downloaded
 
 
 @dataclass
@@ -282,6 +286,18 @@ def co_dino_5scale_9enc_lsj_r50_3x() -> Config:
     return cfg
 
 
+def co_dino_5scale_swin_l_1x() -> Config:
+    """The released Co-DINO Swin-L, 12 epochs (mmdet's `co_dino_5scale_swin_l_16xb1_1x_coco`, Sense-X
+    `co_dino_5scale_swin_large_1x_coco`; the Swin-L family is released at 58.9-64.5 AP with longer schedules,
+    LSJ and Objects365 pre-training): `co_dino_5scale_r50_1x` with Swin-L (window 12, drop path 0.3) on
+    C2..C5, batch 1 per GPU."""
+    cfg = co_dino_5scale_r50_1x()
+    cfg.preset = "co_dino_5scale_swin_l_1x"
+    cfg.model.backbone = BackboneConfig(kind="swin_l", frozen_stages=0)
+    cfg.data.batch_size = 1
+    return cfg
+
+
 def _dino(cfg: Config) -> None:
     """DINO's switches and recipe on a config: 5 scales, 900 queries, denoising, focal loss weight 1."""
     model = cfg.model
@@ -410,6 +426,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "co_dino_5scale_r50_1x": co_dino_5scale_r50_1x,
     "co_dino_5scale_lsj_r50_1x": co_dino_5scale_lsj_r50_1x,
     "co_dino_5scale_9enc_lsj_r50_3x": co_dino_5scale_9enc_lsj_r50_3x,
+    "co_dino_5scale_swin_l_1x": co_dino_5scale_swin_l_1x,
     "tiny": tiny,
     "co_tiny": co_tiny,
     "tiny_pp": tiny_pp,
@@ -543,6 +560,12 @@ def validate(cfg: Config) -> None:
     """Range checks that a type alone cannot express."""
     t = cfg.model.transformer
     checks = [
+        (cfg.model.backbone.kind in BACKBONE_KINDS, "model.backbone.kind", " or ".join(BACKBONE_KINDS)),
+        (cfg.model.backbone.kind == "resnet" or cfg.model.backbone.frozen_stages == 0, "model.backbone.frozen_stages",
+         "0 with a Swin backbone (Co-DETR trains all of it)"),
+        (cfg.model.backbone.kind == "resnet" or not cfg.model.backbone.pretrained, "model.backbone.pretrained",
+         "empty with a Swin backbone (ImageNet files are read for ResNets; Swin weights come with a converted "
+         "Co-DETR checkpoint)"),
         (cfg.model.backbone.depth in (18, 34, 50, 101, 152), "model.backbone.depth", "one of 18, 34, 50, 101, 152"),
         (0 <= cfg.model.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "0..4"),
         (t.d_model % t.num_heads == 0, "model.transformer.d_model", f"a multiple of num_heads={t.num_heads}"),

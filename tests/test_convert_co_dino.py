@@ -19,16 +19,26 @@ from codetr.convert.common import ConversionError
 from codetr.convert.sensex import convert
 from codetr.engine.checkpoint import load_model_state
 from codetr.models.detector import build_detector
+from codetr.models.swin import relative_position_index
 
 LAYOUT = Path(__file__).parent / "fixtures" / "peer" / "co_dino_r50_layout.pt"
 torch.set_num_threads(1)
 
 
 def layout_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Random values in the layout's keys and shapes; buffers as a real checkpoint holds them (BatchNorm
+    counters, Swin's relative position index of its 12-window, which the converter checks)."""
     layout = torch.load(LAYOUT, weights_only=True)[name]
     generator = torch.Generator().manual_seed(0)
-    return {e["key"]: (torch.tensor(0) if e["key"].endswith("num_batches_tracked")
-                       else torch.randn(e["shape"], generator=generator)) for e in layout}
+
+    def value(key: str, shape) -> torch.Tensor:
+        if key.endswith("num_batches_tracked"):
+            return torch.tensor(0)
+        if key.endswith("relative_position_index"):
+            return relative_position_index(12).view(shape)
+        return torch.randn(shape, generator=generator)
+
+    return {e["key"]: value(e["key"], e["shape"]) for e in layout}
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +99,23 @@ def test_an_unknown_key_or_a_wrong_shape_is_one_error_naming_it(r50):
     missing = {k: v for k, v in state.items() if k != "query_head.transformer.decoder.ref_point_head.0.weight"}
     with pytest.raises(ConversionError, match="ref_point_head.0.weight"):
         convert(missing)
+
+
+def test_swin_l_converts_completely_into_its_preset():
+    """mmdet's Swin-L Co-DINO layout (co_dino_5scale_swin_l_16xb1_1x_coco): the backbone goes through the Swin
+    key map (codetr/convert/swin_keys.py, numerically checked against mmdet's SwinTransformer in
+    tests/test_swin.py), everything else through the same rules as R50."""
+    state = layout_state_dict("swin_l")
+    assert "backbone.patch_embed.projection.weight" in state
+    conversion = convert(state)
+    assert conversion.model == get_preset("co_dino_5scale_swin_l_1x").model
+    assert not conversion.skipped
+    with torch.device("meta"):
+        model = build_detector(conversion.model, conversion.num_classes)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes.keys() == conversion.state_dict.keys()
+    assert all(conversion.state_dict[k].shape == shape for k, shape in shapes.items())
+    # a non-backbone tensor is copied as is; the stage-0 block's qkv lands in the Swin block
+    assert torch.equal(conversion.state_dict["transformer.level_embed"], state["query_head.transformer.level_embeds"])
+    assert torch.equal(conversion.state_dict["backbone.stages.2.17.attn.qkv.weight"],
+                       state["backbone.stages.2.blocks.17.attn.w_msa.qkv.weight"])

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from codetr.config import ModelConfig, get_preset
+from codetr.config import BackboneConfig, ModelConfig, get_preset
 from codetr.convert.common import Conversion, ConversionError
 
 SOURCE = "sensex"
@@ -202,8 +202,41 @@ def _aux_heads(state_dict: dict[str, Tensor]) -> tuple[list[str], list[int], lis
     return kinds, roi_heads + one_stage_heads, roi_heads, one_stage_heads
 
 
-def read_architecture(state_dict: dict[str, Tensor]) -> Architecture:
-    """The codetr ModelConfig that the Sense-X state dict's keys and shapes describe."""
+# A key only that naming of a Swin backbone has -> its converter (codetr/convert/swin_keys.py)
+_SWIN_NAMINGS = {"backbone.patch_embed.projection.weight": "mmdet", "backbone.patch_embed.proj.weight": "sensex"}
+
+
+@dataclass
+class SwinWeights:
+    kind: str  # a codetr Swin size (model.backbone.kind)
+    state_dict: dict[str, Tensor]  # the backbone's tensors under codetr's names, "backbone." included
+    num_keys: int  # foreign backbone keys consumed
+
+
+def convert_swin_backbone(state_dict: dict[str, Tensor]) -> SwinWeights | None:
+    """A Swin backbone's tensors (mmdet 3 or Sense-X naming) converted, or None for a ResNet checkpoint.
+    Its size must be one Co-DETR releases (SWIN_SIZES)."""
+    naming = next((name for key, name in _SWIN_NAMINGS.items() if key in state_dict), None)
+    if naming is None:
+        return None
+    from codetr.convert.swin_keys import convert_mmdet_swin, convert_sensex_swin, swin_architecture
+    from codetr.models.swin import SWIN_SIZES
+
+    converted = (convert_mmdet_swin if naming == "mmdet" else convert_sensex_swin)(state_dict, "backbone.")
+    arch = swin_architecture(converted)
+    structure = {k: arch[k] for k in ("embed_dim", "depths", "num_heads", "window_size")}
+    kind = next((name for name, size in SWIN_SIZES.items()
+                 if structure == {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in size.items() if k in structure}),
+                None)
+    if kind is None:
+        raise ConversionError(f"sensex: a Swin backbone {structure} that is none of Co-DETR's sizes ({', '.join(SWIN_SIZES)})")
+    return SwinWeights(kind, {f"backbone.{k}": v for k, v in converted.items()},
+                       sum(k.startswith("backbone.") for k in state_dict))
+
+
+def read_architecture(state_dict: dict[str, Tensor], swin: SwinWeights | None = None) -> Architecture:
+    """The codetr ModelConfig that the Sense-X state dict's keys and shapes describe (`swin`: its Swin
+    backbone, converted apart; the ResNet is read off the keys)."""
     level_embeds = _need(state_dict, "query_head.transformer.level_embeds")
     num_levels, d_model = level_embeds.shape
     num_decoder = _count(state_dict, r"query_head\.transformer\.decoder\.layers\.(\d+)\.")
@@ -220,7 +253,14 @@ def read_architecture(state_dict: dict[str, Tensor]) -> Architecture:
     presets = (CO_DINO_PRESET, DINO_PRESET) if dino else (RELEASED_PRESET, BASELINE_PRESET)
     model = copy.deepcopy(get_preset(presets[0] if kinds else presets[1]).model)
     model.two_stage = model.with_box_refine = True  # the branches counted above say so
-    model.backbone.depth = _backbone_depth(state_dict)
+    if swin is not None:
+        model.backbone = BackboneConfig(kind=swin.kind, frozen_stages=0)
+        out_norms = sorted(int(k.split(".")[2]) for k in swin.state_dict if k.startswith("backbone.out_norms.") and k.endswith(".weight"))
+        if out_norms != list(range(5 - num_levels, 4)):
+            raise ConversionError(f"sensex: the Swin backbone returns stages {out_norms} but the transformer has "
+                                  f"{num_levels} levels (stages {list(range(5 - num_levels, 4))} + one extra)")
+    else:
+        model.backbone.depth = _backbone_depth(state_dict)
     model.backbone.pretrained = ""
     t = model.transformer
     t.d_model, t.num_levels, t.num_heads, t.dropout = d_model, num_levels, NUM_HEADS, 0.0
@@ -302,17 +342,21 @@ def expected_shapes(model: ModelConfig, num_classes: int) -> dict[str, torch.Siz
 
 
 def convert(state_dict: dict[str, Tensor]) -> Conversion:
-    """Rename a Sense-X Co-Deformable-DETR state dict to codetr's names (every tensor copied as is).
+    """Rename a Sense-X Co-Deformable-DETR / Co-DINO state dict to codetr's names (every tensor copied as is,
+    but a Swin backbone's patch merging in mmdet's order, which is permuted back).
 
     Raises ConversionError naming the foreign keys no rule places, the codetr keys nothing fills, or the
     first shape mismatch (both keys, both shapes).
     """
+    swin = convert_swin_backbone(state_dict)
+    if swin is not None:  # converted apart (codetr/convert/swin_keys.py); the rules see the rest
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
     unmapped = unmapped_keys(state_dict)
     if unmapped:
         raise ConversionError(f"sensex: {len(unmapped)} keys have no codetr counterpart: {_listed(unmapped)}")
-    arch = read_architecture(state_dict)
+    arch = read_architecture(state_dict, swin)
     expected = expected_shapes(arch.model, arch.num_classes)
-    converted: dict[str, Tensor] = {}
+    converted: dict[str, Tensor] = dict(swin.state_dict) if swin is not None else {}
     skipped = []
     for key, value in state_dict.items():
         if _SKIPPED.fullmatch(key) or key in UNREPRESENTABLE:

@@ -75,3 +75,13 @@ def load_pretrained_resnet(resnet: nn.Module, path: str) -> None:
             f"{file} is not a torchvision ResNet of this depth: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     resnet.load_state_dict(state, strict=False)
+
+
+def build_backbone(cfg, first_stage: int = 1) -> nn.Module:
+    """The backbone a `BackboneConfig` names, returning stages first_stage..3 (C2..C5 from 0, C3..C5 from 1);
+    either kind has `out_channels` and `out_strides`."""
+    if cfg.kind == "resnet":
+        return ResNetBackbone(cfg.depth, cfg.frozen_stages, cfg.pretrained, first_stage=first_stage)
+    from codetr.models.swin import SWIN_SIZES, SwinBackbone
+
+    return SwinBackbone(**SWIN_SIZES[cfg.kind], out_indices=tuple(range(first_stage, 4)))

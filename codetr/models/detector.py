@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from codetr.box_ops import clip_boxes, scale_boxes
 from codetr.config import ModelConfig
-from codetr.models.backbone import ResNetBackbone
+from codetr.models.backbone import build_backbone
 from codetr.models.neck import ChannelMapper
 from codetr.models.position_encoding import sine_position_encoding
 from codetr.models.soft_nms import batched_soft_nms
@@ -57,8 +57,7 @@ class DeformableDETR(nn.Module):
         self.test_nms, self.test_nms_iou = cfg.test_nms, cfg.test_nms_iou
         self.pos_temperature, self.pos_offset = t.pos_temperature, t.pos_offset
         # 4 levels: C3..C5 + one extra (strides 8..64); 5 levels: C2..C5 + one extra (strides 4..64)
-        self.backbone = ResNetBackbone(cfg.backbone.depth, cfg.backbone.frozen_stages, cfg.backbone.pretrained,
-                                       first_stage=5 - t.num_levels)
+        self.backbone = build_backbone(cfg.backbone, first_stage=5 - t.num_levels)
         self.neck = ChannelMapper(self.backbone.out_channels, t.d_model)
         self.level_strides = (*self.backbone.out_strides, 2 * self.backbone.out_strides[-1])
         self.transformer = self.build_transformer(cfg, num_classes)

@@ -154,7 +154,8 @@ class SwinBackbone(nn.Module):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
-        if not out_indices or any(not 0 <= i < len(depths) for i in out_indices) or list(out_indices) != sorted(set(out_indices)):
+        increasing = list(out_indices) == sorted(set(out_indices))
+        if not out_indices or not increasing or not 0 <= out_indices[0] <= out_indices[-1] < len(depths):
             raise ValueError(f"out_indices {tuple(out_indices)} must be increasing stage indices < {len(depths)}")
         dims = [embed_dim * 2**stage for stage in range(len(depths))]
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # mmdet's rule

@@ -82,7 +82,8 @@ def record_case(config: dict, image_shape: tuple[int, ...], layout: str) -> dict
     from mmdet.models.backbones import SwinTransformer
     from mmdet.models.backbones.swin import swin_converter
 
-    model = SwinTransformer(**config).eval()
+    model = SwinTransformer(**config)
+    model.eval()  # mmdet's train() returns None: no chaining
     own = model.state_dict()
     indices = [v for k, v in own.items() if k.endswith("relative_position_index")]
     assert all(torch.equal(i, indices[0]) for i in indices), "blocks hold different relative position indices"
@@ -123,7 +124,7 @@ def main() -> None:
     import mmdet
 
     torch.set_num_threads(1)
-    fixture = {"cases": {}, "versions": {"torch": torch.__version__, "mmdet": mmdet.__version__, "mmcv": mmcv.__version__}}
+    fixture = {"cases": {}, "versions": {"torch": str(torch.__version__), "mmdet": mmdet.__version__, "mmcv": mmcv.__version__}}
     for name, (config, image_shape, layout) in CASES.items():
         case = record_case(config, image_shape, layout)
         fixture["cases"][name] = case
