@@ -4,6 +4,8 @@ Faster-RCNN) and all available heads, in one run.
 
     python bench/bench_co_detr.py --preset tiny --size 256x256 --batch 4
     python bench/bench_co_detr.py --preset deformable_detr_r50_1x --size 800x1216 --batch 1
+    python bench/bench_co_detr.py --preset co_dino_tiny --size 160x160 --batch 4      # K = 0 is DINO
+    python bench/bench_co_detr.py --preset co_dino_5scale_r50_1x --size 512x512 --without-all
 
 Each configuration runs in its own subprocess (bench_detector.py --only codetr:train), so its peak
 memory is its own. Inference cost is the same for all K (the auxiliary parts are training-only).
@@ -35,11 +37,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="")
+    parser.add_argument("--without-all", action="store_true", help="skip the configuration with every head")
     args = parser.parse_args()
 
     script = Path(__file__).with_name("bench_detector.py")
     rows = []
     for name, heads in CONFIGS.items():
+        if args.without_all and name.endswith(" all"):
+            continue
         command = [sys.executable, str(script), "--only", "codetr:train", "--preset", args.preset, "--size", args.size,
                    "--batch", str(args.batch), "--num-classes", str(args.num_classes), "--iters", str(args.iters),
                    "--warmup", str(args.warmup), "--set", f"model.aux.heads=[{','.join(heads)}]"]

@@ -277,7 +277,7 @@ def co_dino_5scale_lsj_r50_1x() -> Config:
 
 def co_dino_5scale_9enc_lsj_r50_3x() -> Config:
     """Co-DINO with 9 encoder layers (Sense-X `co_dino_5scale_9encoder_lsj_r50_3x_coco`), LSJ, 36 epochs
-    with the lr drop after epoch 30. Released: 56.1 AP."""
+    with the lr drop after epoch 30 (Sense-X "Co-DINO-9enc", R50, 36 epochs, LSJ): 55.4 AP."""
     cfg = co_dino_5scale_lsj_r50_1x()
     cfg.preset = "co_dino_5scale_9enc_lsj_r50_3x"
     cfg.model.transformer.num_encoder_layers = 9
