@@ -156,7 +156,9 @@ def convert_command(
     save_checkpoint(out, {k: v for k, v in state.items() if k != "format_version"})
     model = state["config"]["model"]
     heads = "+".join(model["aux"]["heads"]) or "none"
-    console.print(f"converted {src} ({converted.source}): {len(state['model'])} tensors, ResNet-{model['backbone']['depth']}, "
+    backbone = model["backbone"]
+    backbone_name = f"ResNet-{backbone['depth']}" if backbone["kind"] == "resnet" else f"Swin-{backbone['kind'][5:].upper()}"
+    console.print(f"converted {src} ({converted.source}): {len(state['model'])} tensors, {backbone_name}, "
                   f"{model['transformer']['num_encoder_layers']}+{model['transformer']['num_decoder_layers']} layers, "
                   f"{model['num_queries']} queries, {state['num_classes']} classes, auxiliary heads {heads}",
                   soft_wrap=True, highlight=False, markup=False)
@@ -166,6 +168,10 @@ def convert_command(
         console.print(f"not read: {', '.join(converted.skipped_entries)}"
                       + (f" (OpenMMLab objects kept as inert records: {', '.join(converted.stand_ins)})" if converted.stand_ins else ""),
                       soft_wrap=True, highlight=False, markup=False)
+    data = state["config"]["data"]
+    console.print("data: large-scale jitter, 1024 x 1024 inputs (the checkpoint's config says so)" if data["lsj"] else
+                  "data: the preset's resize (the checkpoint's config names no LSJ; --set data.lsj=true if it was)",
+                  soft_wrap=True, highlight=False, markup=False)
     console.print(f"wrote {out} (preset {state['config']['preset']}; classes {state['class_names'][0]}, ...)",
                   soft_wrap=True, highlight=False, markup=False)
 
@@ -266,7 +272,7 @@ def table(
 @app.command()
 def presets() -> None:
     """List the config presets."""
-    from codetr.config import PRESETS
+    from codetr.presets import PRESETS
 
     for name, factory in PRESETS.items():
         first_paragraph = (factory.__doc__ or "").strip().split("\n\n")[0]

@@ -75,7 +75,7 @@ class CamOptions:
         "last" = the last decoder layer only.
     include_posq [False]: also a CAM for each head's positive-query branch (`posq.<head>`).
     score_topk [100]: k of the score target (capped at the number of pairs).
-    levels [None = all]: the encoder levels (0 = stride 8) whose CAMs are combined.
+    levels [None = all]: the encoder levels (0 = the finest: stride 8, or 4 with 5 levels) whose CAMs are combined.
     grid_level [0]: the level whose grid the CAMs are resized to (0 = finest: stride 8, or 4 with 5 levels).
     resize_mode ["bilinear"]: how CAMs are resized to that grid ("bilinear", align_corners=False, keeps
         them non-negative; or "nearest").

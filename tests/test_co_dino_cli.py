@@ -1,6 +1,7 @@
 """DINO and Co-DINO through the `codetr` commands on the generated data: train, eval, conflicts, iof-iob,
 positives (the issue's "done when"), with a few iterations at small size."""
 import json
+import os
 
 import pytest
 
@@ -13,7 +14,7 @@ SMALL = ["--set", "data.train_scales=[128]", "--set", "data.max_size=160", "--se
 @pytest.fixture(scope="module")
 def co_dino_run(tmp_path_factory, synth_root):
     out = tmp_path_factory.mktemp("co_dino")
-    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = codetr("train", "--preset", "co_dino_tiny", "--data", synth_root, "--epochs", "1", "--out", out, *FAST,
                     *SMALL, "--set", "train.max_iters_per_epoch=3", "--set", "model.denoising.num_queries=10", env=env)
     assert result.returncode == 0, result.stderr
@@ -41,6 +42,10 @@ def test_co_dino_train_eval_and_analyses(co_dino_run, synth_root, cli_env, tmp_p
                     "--out", tmp_path / "iof", env=cli_env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "iof" / "iof_iob.png").exists()
+    result = codetr("positives", "--preset", "co_dino_tiny", "--ckpt", co_dino_run / "last.pt", "--data", synth_root,
+                    "--num-images", "2", "--out", tmp_path / "pos", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert {"atss", "faster_rcnn"} <= {row["head"] for row in json.loads((tmp_path / "pos" / "positives.json").read_text())["heads"]}
 
 
 @pytest.mark.slow
@@ -53,3 +58,8 @@ def test_dino_train_and_eval(synth_root, cli_env, tmp_path):
     assert any("dn.d2.loss_cls" in s for s in steps) and not any(k.startswith("aux.") for s in steps for k in s)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"AP", "AP50"} <= set(metrics)
+    result = codetr("eval", "--ckpt", out / "last.pt", "--data", synth_root, "--out", tmp_path / "eval", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    result = codetr("iof-iob", "--ckpt", out / "last.pt", "--data", synth_root, "--num-images", "2",
+                    "--out", tmp_path / "iof", env=cli_env)
+    assert result.returncode == 0, result.stderr

@@ -1,6 +1,8 @@
 """Config presets and dotted overrides: parsing by field type, and one clear error for bad input."""
 import pytest
 
+from codetr.presets import PRESETS
+
 from codetr.config import Config, apply_overrides, config_from_dict, get_preset, valid_keys
 from codetr.errors import ConfigError
 
@@ -24,11 +26,15 @@ def test_paper_preset_defaults():
     ("co_deformable_detr_k2_r50_1x", False, ["atss", "faster_rcnn"]), ("deformable_detr_pp_r50_1x", True, []),
     ("co_deformable_detr_r50_1x", True, ["atss", "faster_rcnn"]), ("tiny", False, []), ("co_tiny", False, ["atss"]),
     ("tiny_pp", True, []), ("co_tiny_pp", True, ["atss", "faster_rcnn"]),
+    ("dino_5scale_r50_1x", True, []), ("co_dino_5scale_r50_1x", True, ["atss", "faster_rcnn"]),
+    ("co_dino_5scale_lsj_r50_1x", True, ["atss", "faster_rcnn"]), ("co_dino_5scale_9enc_lsj_r50_3x", True, ["atss", "faster_rcnn"]),
+    ("co_dino_5scale_swin_l_1x", True, ["atss", "faster_rcnn"]), ("dino_tiny", True, []),
+    ("co_dino_tiny", True, ["atss", "faster_rcnn"]),
 ])
 def test_presets_are_the_papers_rows(preset, two_stage, heads):
     cfg = get_preset(preset)
     assert (cfg.model.two_stage, cfg.model.with_box_refine, cfg.model.aux.heads) == (two_stage, two_stage, heads)
-    doc = get_preset.__globals__["PRESETS"][preset].__doc__
+    doc = PRESETS[preset].__doc__
     assert "AP" in doc or "analogue" in doc  # the R50 rows name the paper's AP, the CPU ones their R50 row
 
 

@@ -119,3 +119,20 @@ def test_swin_l_converts_completely_into_its_preset():
     assert torch.equal(conversion.state_dict["transformer.level_embed"], state["query_head.transformer.level_embeds"])
     assert torch.equal(conversion.state_dict["backbone.stages.2.17.attn.qkv.weight"],
                        state["backbone.stages.2.blocks.17.attn.w_msa.qkv.weight"])
+
+
+@pytest.mark.parametrize("config_text, lsj", [
+    ("model = dict(type='CoDETR', use_lsj=True, eval_module='detr')", True),  # mmdet 3 (meta["cfg"])
+    ("model = dict(type='CoDETR', use_lsj=False)", False),
+    ("query_head=dict(type='CoDINOHead', with_attn_mask = False)", True),  # Sense-X (meta["config"])
+    (None, False),
+])
+def test_lsj_is_read_off_the_checkpoints_config(r50, config_text, lsj):
+    from codetr.convert import convert_foreign
+    from codetr.convert.reading import ForeignCheckpoint
+
+    state, _ = r50
+    meta = {} if config_text is None else {("config" if "CoDINOHead" in config_text else "cfg"): config_text}
+    checkpoint = convert_foreign(ForeignCheckpoint(state, meta, [], []), "co_dino.pth").checkpoint
+    assert checkpoint["config"]["preset"] == "co_dino_5scale_r50_1x"
+    assert checkpoint["config"]["data"]["lsj"] is lsj

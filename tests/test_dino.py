@@ -178,3 +178,53 @@ def test_soft_nms_by_hand():
     decayed, keep = batched_soft_nms(boxes, scores, labels, iou_threshold=0.8)
     # now box 2 decays again by box 1: 0.075 * (1 - 0.818) = 0.0136
     torch.testing.assert_close(decayed[-1], torch.tensor(0.075 * (1 - 81 / 99)), rtol=1e-5, atol=1e-7)
+
+
+def empty_target():
+    return {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+
+
+@pytest.mark.parametrize("preset", ["dino_tiny", "co_dino_tiny"])
+@pytest.mark.parametrize("case", ["no_ground_truth", "mixed", "one_image"])
+def test_training_steps_without_ground_truth_keep_every_parameter_in_the_graph(preset, case):
+    """No GT in the batch: no denoising queries, yet the label embedding (and every other parameter that
+    trains) gets a gradient, as DDP needs; losses stay finite."""
+    from codetr.models.criterion import build_criterion
+    from codetr.models.total_loss import weighted_total
+
+    torch.manual_seed(0)
+    cfg = get_preset(preset).model
+    cfg.transformer.num_encoder_layers, cfg.num_queries, cfg.denoising.num_queries = 1, 12, 6
+    model = build_detector(cfg, 5).train()
+    images, masks = batch()
+    targets = {"no_ground_truth": [empty_target(), empty_target()], "mixed": [two_images()[0], empty_target()],
+               "one_image": [two_images()[1]]}[case]
+    if case == "one_image":
+        images, masks = images[:1], masks[:1]
+    criterion = build_criterion(model, cfg)
+    total, _ = weighted_total(criterion(model(images, masks, targets), targets), criterion.weights)
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.denoising.label_embedding.weight.grad is not None
+    frozen = {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert not frozen, f"parameters outside the graph: {sorted(frozen)[:5]}"
+
+
+def test_denoising_losses_are_normalised_by_the_positive_copies():
+    """One image, 2 boxes, 6 denoising queries -> G = 3 groups, 6 positive copies: the L1 term of a layer is
+    the sum over those copies of |box - target| divided by 6 (not by the 2 boxes)."""
+    from codetr.models.criterion import build_criterion
+
+    torch.manual_seed(0)
+    cfg = get_preset("dino_tiny").model
+    cfg.transformer.num_encoder_layers, cfg.num_queries, cfg.denoising.num_queries = 1, 12, 6
+    model = build_detector(cfg, 5).train()
+    images, masks = batch()
+    targets = [two_images()[0]]
+    out = model(images[:1], masks[:1], targets)
+    losses = build_criterion(model, cfg)(out, targets)
+    queries = out.denoising.queries
+    assert queries.num_groups == 3 and int(queries.positive.sum()) == 6
+    positive = queries.positive[0]
+    expected = (out.denoising.boxes[0][0, positive] - queries.target_boxes[0, positive]).abs().sum() / 6
+    torch.testing.assert_close(losses["dn.d0.loss_bbox"], expected, rtol=1e-6, atol=1e-7)

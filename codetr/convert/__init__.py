@@ -20,7 +20,8 @@ from typing import Any, Callable
 import numpy as np
 from torch import Tensor
 
-from codetr.config import PRESETS, Config, get_preset
+from codetr.config import Config, get_preset
+from codetr.presets import PRESETS
 from codetr.convert.coco import COCO_CAT_IDS, COCO_CLASS_NAMES
 from codetr.convert.common import Conversion, ConversionError
 from codetr.convert.reading import ForeignCheckpoint, read_foreign_checkpoint
@@ -94,8 +95,23 @@ class ConvertedCheckpoint:
     stand_ins: list[str] = field(default_factory=list)  # OpenMMLab classes read as inert records
 
 
+def uses_lsj(meta: dict[str, Any]) -> bool:
+    """Whether the checkpoint's own config text (mmdet 3: meta["cfg"], mmdet 2: meta["config"]) trained and
+    tests with large-scale jitter: mmdet 3's `use_lsj=True`, Sense-X's `with_attn_mask=False` (no padding
+    mask). A state dict alone cannot tell."""
+    text = meta.get("cfg") or meta.get("config")
+    if not isinstance(text, str):
+        return False
+    compact = "".join(text.split())
+    return "use_lsj=True" in compact or "with_attn_mask=False" in compact
+
+
 def to_codetr_checkpoint(conversion: Conversion, foreign: ForeignCheckpoint, source: str, file: str | Path) -> dict[str, Any]:
-    cfg = Config(preset=_preset_name(conversion.model, source), model=conversion.model)
+    name = _preset_name(conversion.model, source)
+    # the matching preset's data and schedule (a state dict has neither), the model read off the weights
+    cfg = get_preset(name) if name in PRESETS else Config(preset=name)
+    cfg.model = conversion.model
+    cfg.data.lsj = uses_lsj(foreign.meta)
     cat_ids, class_names = class_metadata(foreign.meta, conversion.num_classes)
     epoch = foreign.meta.get("epoch", 0)
     return {

@@ -225,8 +225,8 @@ class LSJTestResize:
         self.size = size
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[Image.Image, dict]:
-        scale_h, scale_w = (fit_scale(image.height, image.width, self.size),) * 2
-        new_h, new_w = max(1, round(image.height * scale_h)), max(1, round(image.width * scale_w))
+        scale = fit_scale(image.height, image.width, self.size)
+        new_h, new_w = max(1, round(image.height * scale)), max(1, round(image.width * scale))
         orig_h, orig_w = (int(v) for v in target.get("orig_size", (image.height, image.width)))
         image, target = resize(image, target, (new_h, new_w))
         image, target = pad_to_square(image, target, self.size)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from codetr.config import ModelConfig
 from codetr.models.detector import DetectorOutput
+from codetr.models.dino.detector import DenoisingOutput
 from codetr.models.losses import quality_focal_loss, sigmoid_focal_loss
 from codetr.models.matcher import HungarianMatcher
 from codetr.models.total_loss import LossWeights
@@ -141,16 +142,17 @@ class SetCriterion(nn.Module):
             for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, enc_targets, num_boxes).items():
                 losses[f"enc.{name}"] = value
         if outputs.denoising is not None:
-            losses.update(self.denoising_losses(outputs.denoising, num_boxes))
+            losses.update(self.denoising_losses(outputs.denoising))
         for branch in outputs.aux or []:
             losses.update(self.aux_losses(branch))
         return losses
 
-    def denoising_losses(self, denoising, num_boxes: Tensor) -> dict[str, Tensor]:
+    def denoising_losses(self, denoising: DenoisingOutput) -> dict[str, Tensor]:
         """DINO's denoising queries on every decoder layer against their own boxes (no matching), normalised
-        by the positive copies: num_groups x the ground-truth boxes."""
+        by the positive copies (num_groups x the ground-truth boxes), averaged over ranks: each rank has its
+        own number of groups."""
         queries = denoising.queries
-        normalizer = num_boxes * queries.num_groups
+        normalizer = synced_count(float(queries.positive.sum()), queries.labels.device)
         losses = {}
         for layer, (logits, boxes) in enumerate(zip(denoising.logits, denoising.boxes)):
             terms = self.losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive, normalizer)

@@ -6,6 +6,7 @@ training-only and never change what `forward` + `postprocess` return.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from codetr.models.neck import ChannelMapper
 from codetr.models.position_encoding import sine_position_encoding
 from codetr.models.soft_nms import batched_soft_nms
 from codetr.models.transformer import DeformableTransformer, FlatFeatures, flatten_levels
+
+if TYPE_CHECKING:  # the DINO module imports this one
+    from codetr.models.dino.detector import DenoisingOutput
 
 
 @dataclass
@@ -42,7 +46,7 @@ class DetectorOutput:
     memory: Tensor | None = None
     feats: FlatFeatures | None = None
     aux: list | None = None  # Co-DETR's per-head training outputs (codetr.models.co_detr.model.AuxBranchOutput)
-    denoising: object | None = None  # codetr.models.dino.detector.DenoisingOutput
+    denoising: DenoisingOutput | None = None  # DINO, training only
 
 
 class DeformableDETR(nn.Module):
@@ -118,7 +122,8 @@ class DeformableDETR(nn.Module):
         """Top-k (query, class) pairs by sigmoid score; boxes clipped to the image, as the released head does
         before rescaling; then soft-NMS per class where the config asks for it (Co-DINO), else no NMS.
 
-        orig_sizes: [B, 2] (h, w) of the original images. Returns per image {scores [k], labels [k]
+        orig_sizes: [B, 2] (h, w) of the original images (with LSJ: the original pixels the padded square
+        covers, target["box_extent"]). Returns per image {scores [k], labels [k]
         (contiguous), boxes [k, 4] xyxy in original-image pixels}.
         """
         logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()

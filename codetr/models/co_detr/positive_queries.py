@@ -4,9 +4,10 @@ For each auxiliary head i, per image:
   1. count: N = clamp(max positives of any image in the batch, min_queries, max_queries) (9 and 300);
   2. select: all positives, randomly sub-sampled to N if there are more; padded up to N with random
      negatives of the same head (background label, no box loss);
-  3. embed: positional query = LN(Linear(sine(box clamped to [0, 1]))) split in (positional, content)
-     halves; with the content feature, the content half adds LN(Linear(feature at the positive)) and the
-     positional half a per-head embedding;
+  3. embed: LN(Linear(sine(box clamped to [0, 1]))) split in (positional, content) halves; with the content
+     feature, the content half adds LN(Linear(feature at the positive)) and the positional half a per-head
+     embedding. With DINO's decoder (Co-DINO), which derives positions from the reference boxes, the
+     projection is the content query alone;
   4. decode: the SAME decoder (shared weights) runs once more on these queries, with the candidate box as
      reference box, attending to the same encoder memory;
   5. targets come from the head's own one-to-many assignment (no Hungarian matching); the loss is the

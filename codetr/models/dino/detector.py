@@ -28,10 +28,14 @@ class DenoisingOutput:
 class DINO(DeformableDETR):
     """DINO with any number of feature levels (5 in the presets: strides 4..64)."""
 
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__(cfg, num_classes)
+        dn = cfg.denoising
+        self.denoising = DenoisingGenerator(num_classes, cfg.transformer.d_model, dn.num_queries, dn.label_noise,
+                                            dn.box_noise)
+
     def build_transformer(self, cfg: ModelConfig, num_classes: int) -> nn.Module:
         t = cfg.transformer
-        dn = cfg.denoising
-        self.denoising = DenoisingGenerator(num_classes, t.d_model, dn.num_queries, dn.label_noise, dn.box_noise)
         return DINOTransformer(
             num_classes=num_classes, num_queries=cfg.num_queries, d_model=t.d_model, num_heads=t.num_heads,
             num_encoder_layers=t.num_encoder_layers, num_decoder_layers=t.num_decoder_layers, ffn_dim=t.ffn_dim,

@@ -16,7 +16,7 @@ from codetr.models.dino.denoising import DINO_LOGIT_EPS, DenoisingQueries
 from codetr.models.position_encoding import box_sine_embedding
 from codetr.models.transformer import (
     DecoderLayer, DecoderOutput, EncoderLayer, EncoderProposals, FlatFeatures, box_branch, class_branch,
-    grid_proposals, run_encoder,
+    grid_proposals, init_ffns, run_encoder,
 )
 
 
@@ -95,11 +95,7 @@ class DINOTransformer(nn.Module):
         self.content_queries = nn.Embedding(num_queries, d_model)
         nn.init.normal_(self.content_queries.weight)
         nn.init.xavier_uniform_(self.enc_output.weight)
-        for layer in [*self.encoder_layers, *self.decoder.layers]:
-            for linear in layer.ffn:
-                if isinstance(linear, nn.Linear):
-                    nn.init.xavier_uniform_(linear.weight)
-                    nn.init.zeros_(linear.bias)
+        init_ffns([*self.encoder_layers, *self.decoder.layers])
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
