@@ -38,3 +38,28 @@ def test_train_jitter_gives_squares_with_boxes_inside():
         boxes = box_cxcywh_to_xyxy(out["boxes"])
         assert ((boxes >= -1e-6) & (boxes <= 1 + 1e-6)).all()
         assert len(out["labels"]) == len(boxes) and set(out["labels"].tolist()) <= {1, 2}
+
+
+def test_train_jitter_at_a_fixed_scale_by_hand():
+    """scale_range (0.5, 0.5) on a 300 x 200 image and size 128: the image must fit 64 x 64, so it becomes
+    64 x 43 (scale 64 / 300), smaller than the window: no crop; the box [10, 20, 110, 120] scales by
+    (64 / 300, 43 / 200) to
+    [2.13, 4.3, 23.47, 25.8] px, mirrored on a flip to [40.53, 4.3, 61.87, 25.8]; normalised by 128."""
+    image, target = sample()
+    scale = 64 / 300
+    unflipped = torch.tensor([10.0, 20.0, 110.0, 120.0]) * torch.tensor([64 / 300, 43 / 200] * 2)
+    flipped = torch.stack((64 - unflipped[2], unflipped[1], 64 - unflipped[0], unflipped[3]))
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        tensor, out = make_lsj_transforms(True, 128, (0.5, 0.5))(image, target)
+        box = box_cxcywh_to_xyxy(out["boxes"][0]) * 128
+        was_flipped = bool(torch.allclose(box, flipped, atol=1e-3))
+        assert was_flipped or torch.allclose(box, unflipped, atol=1e-3), box
+        seen.add(was_flipped)
+        assert out["labels"].tolist() == [1, 2]
+        grey = (LSJ_PAD_VALUE / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        torch.testing.assert_close(tensor[:, 43:, :].mean((1, 2)), grey, rtol=0, atol=1e-5)  # rows below 43 px
+        torch.testing.assert_close(tensor[:, :, 64:].mean((1, 2)), grey, rtol=0, atol=1e-5)  # columns right of 64
+    assert seen == {True, False}  # both outcomes of the 0.5 flip occurred
+    assert round(200 * scale) == 43
