@@ -143,22 +143,8 @@ def build_small_cfg(projects: Path):
 
 
 def make_batch(seed: int = 0):
-    from mmdet.structures import DetDataSample
-    from mmengine.structures import InstanceData
-
-    g = torch.Generator().manual_seed(seed)
-    images = torch.zeros(len(IMG_SHAPES), 3, *BATCH_HW)
-    samples = []
-    for i, ((h, w), (oh, ow)) in enumerate(zip(IMG_SHAPES, ORI_SHAPES)):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)  # padding stays 0, as mmdet pads
-        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(oh, ow), pad_shape=(h, w),
-                                             batch_input_shape=BATCH_HW, scale_factor=(w / ow, h / oh)))
-        sample.gt_instances = InstanceData(bboxes=torch.tensor(GT_BBOXES[i]), labels=torch.tensor(GT_LABELS[i]))
-        samples.append(sample)
-    inputs = {"images": images, "img_shapes": torch.tensor(IMG_SHAPES), "ori_shapes": torch.tensor(ORI_SHAPES),
-              "scale_factors": torch.tensor([s.scale_factor for s in samples]),
-              "gt_bboxes": [torch.tensor(b) for b in GT_BBOXES], "gt_labels": [torch.tensor(l) for l in GT_LABELS]}
-    return images, samples, inputs
+    """This recorder's batch through the deformable recorder's builder."""
+    return deformable.make_batch(seed, BATCH_HW, IMG_SHAPES, ORI_SHAPES, GT_BBOXES, GT_LABELS)
 
 
 class Recorder:

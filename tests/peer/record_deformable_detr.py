@@ -156,26 +156,29 @@ def build_config(config_file: str, embed_dims: int, num_points: int):
     return cfg
 
 
-def make_batch(seed: int):
+def make_batch(seed: int, batch_hw=BATCH_HW, img_shapes=IMG_SHAPES, ori_shapes=ORI_SHAPES, gt_bboxes=GT_BBOXES,
+               gt_labels=GT_LABELS):
+    """(padded images, mmdet data samples, the fixture's "inputs") for images of valid sizes `img_shapes`
+    inside one `batch_hw` batch, resized from `ori_shapes`, with their ground truth (xyxy pixels)."""
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
 
     g = torch.Generator().manual_seed(seed)
-    images = torch.zeros(len(IMG_SHAPES), 3, *BATCH_HW)
+    images = torch.zeros(len(img_shapes), 3, *batch_hw)
     samples = []
-    for i, ((h, w), (oh, ow)) in enumerate(zip(IMG_SHAPES, ORI_SHAPES)):
+    for i, ((h, w), (oh, ow)) in enumerate(zip(img_shapes, ori_shapes)):
         images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)  # padding stays 0, as mmdet pads
         sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(oh, ow), pad_shape=(h, w),
-                                             batch_input_shape=BATCH_HW, scale_factor=(w / ow, h / oh)))
-        sample.gt_instances = InstanceData(bboxes=torch.tensor(GT_BBOXES[i]), labels=torch.tensor(GT_LABELS[i]))
+                                             batch_input_shape=batch_hw, scale_factor=(w / ow, h / oh)))
+        sample.gt_instances = InstanceData(bboxes=torch.tensor(gt_bboxes[i]), labels=torch.tensor(gt_labels[i]))
         samples.append(sample)
     inputs = {
         "images": images,
-        "img_shapes": torch.tensor(IMG_SHAPES),
-        "ori_shapes": torch.tensor(ORI_SHAPES),
+        "img_shapes": torch.tensor(img_shapes),
+        "ori_shapes": torch.tensor(ori_shapes),
         "scale_factors": torch.tensor([s.scale_factor for s in samples]),
-        "gt_bboxes": [torch.tensor(b) for b in GT_BBOXES],
-        "gt_labels": [torch.tensor(l) for l in GT_LABELS],
+        "gt_bboxes": [torch.tensor(b) for b in gt_bboxes],
+        "gt_labels": [torch.tensor(l) for l in gt_labels],
     }
     return images, samples, inputs
 
