@@ -210,7 +210,6 @@ _SWIN_NAMINGS = {"backbone.patch_embed.projection.weight": "mmdet", "backbone.pa
 class SwinWeights:
     kind: str  # a codetr Swin size (model.backbone.kind)
     state_dict: dict[str, Tensor]  # the backbone's tensors under codetr's names, "backbone." included
-    num_keys: int  # foreign backbone keys consumed
 
 
 def convert_swin_backbone(state_dict: dict[str, Tensor]) -> SwinWeights | None:
@@ -225,13 +224,10 @@ def convert_swin_backbone(state_dict: dict[str, Tensor]) -> SwinWeights | None:
     converted = (convert_mmdet_swin if naming == "mmdet" else convert_sensex_swin)(state_dict, "backbone.")
     arch = swin_architecture(converted)
     structure = {k: arch[k] for k in ("embed_dim", "depths", "num_heads", "window_size")}
-    kind = next((name for name, size in SWIN_SIZES.items()
-                 if structure == {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in size.items() if k in structure}),
-                None)
+    kind = next((name for name, size in SWIN_SIZES.items() if all(size[k] == v for k, v in structure.items())), None)
     if kind is None:
         raise ConversionError(f"sensex: a Swin backbone {structure} that is none of Co-DETR's sizes ({', '.join(SWIN_SIZES)})")
-    return SwinWeights(kind, {f"backbone.{k}": v for k, v in converted.items()},
-                       sum(k.startswith("backbone.") for k in state_dict))
+    return SwinWeights(kind, {f"backbone.{k}": v for k, v in converted.items()})
 
 
 def read_architecture(state_dict: dict[str, Tensor], swin: SwinWeights | None = None) -> Architecture:
