@@ -41,6 +41,7 @@ from codetr.models.co_detr.heads.roi_head import multilevel_roi_align
 from codetr.models.co_detr.types import AuxInputs
 from codetr.models.criterion import SetCriterion
 from codetr.models.detector import DeformableDETR, DetectorOutput
+from codetr.models.loss_terms import ONE_TO_ONE_GROUPS, TermName, is_loss_term, parse_term
 
 DETR_HEAD = "detr"
 POSQ_PREFIX = "posq."
@@ -265,19 +266,22 @@ class EncoderOutputCam(AbstractContextManager):
         return {head: self._score(head, outputs) for head in self.heads}
 
     def _loss_sum(self, head: str, losses: dict[str, Tensor]) -> Tensor:
+        weight = self.criterion.weights.term_weight if self.options.loss_weighting == "training" else (lambda _: 1.0)
+        terms = [value.float() * weight(name) for name, value in losses.items()
+                 if is_loss_term(name) and self._is_term_of(head, parse_term(name))]
+        if not terms:
+            raise RuntimeError(f"no loss terms for head {head!r}")
+        return torch.stack(terms).sum()
+
+    def _is_term_of(self, head: str, term: TermName) -> bool:
+        """Whether a loss term belongs to `head`'s loss (see CamOptions.detr_terms for "detr")."""
         if head == DETR_HEAD:
             last = len(self.model.transformer.decoder.layers) - 1
-            prefixes = {"all": ("dec.", "enc."), "decoder": ("dec.",), "last": (f"dec.d{last}.",)}
-            chosen = prefixes[self.options.detr_terms]
-        elif head.startswith(POSQ_PREFIX):
-            chosen = (f"posq.{head.removeprefix(POSQ_PREFIX)}.",)
-        else:
-            chosen = (f"aux.{head}.",)
-        weight = self.criterion.weights.term_weight if self.options.loss_weighting == "training" else (lambda _: 1.0)
-        terms = [value.float() * weight(name) for name, value in losses.items() if name.startswith(chosen)]
-        if not terms:
-            raise RuntimeError(f"no loss terms for head {head!r} (prefixes {chosen})")
-        return torch.stack(terms).sum()
+            return {"all": term.group in ONE_TO_ONE_GROUPS, "decoder": term.group == "dec",
+                    "last": term.group == "dec" and term.layer == last}[self.options.detr_terms]
+        if head.startswith(POSQ_PREFIX):
+            return term.group == "posq" and term.head == head.removeprefix(POSQ_PREFIX)
+        return term.group == "aux" and term.head == head
 
     def _score(self, head: str, outputs: DetectorOutput) -> Tensor:
         k = self.options.score_topk

@@ -74,6 +74,7 @@ class DenoisingConfig:
     box_noise: float = 1.0  # corners move by up to box_noise * (w, h) / 2: positives within, negatives beyond
 
 
+# The heads codetr ships (codetr/models/co_detr/heads/); model.aux.heads takes any registered kind (register_aux_head).
 AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl", "paa")
 
 
@@ -88,7 +89,7 @@ class AuxConfig:
     times: their effective weight is L * lambda2 (6 x 2.0 = 12, as the released config's loss weights).
     """
 
-    heads: list[str] = field(default_factory=list)  # any of AUX_HEAD_KINDS, any order, repeats allowed
+    heads: list[str] = field(default_factory=list)  # registered head kinds (AUX_HEAD_KINDS), any order, repeats allowed
     lambda1: float = 1.0  # the positive-query branches' weight
     lambda2: float = 2.0  # the auxiliary heads' weight, counted once per decoder layer
     num_convs: int = 1  # stacked convs in one-stage heads (supplementary Table 1: 0..5)
@@ -107,12 +108,48 @@ class AuxConfig:
 
 ARCHITECTURES = ("deformable_detr", "dino")
 
+# How positives are added to the one-to-one detector in training (inference is always the one-to-one head):
+#   deformable_detr  none: the one-to-one baseline alone (of model.architecture: Deformable-DETR or DINO)
+#   h_detr           H-Deformable-DETR's hybrid matching (model.hybrid, codetr/models/methods/hybrid_matching.py)
+#   group_detr       Group-DETR's query groups (model.group, codetr/models/methods/group_detr.py)
+#   co_detr          Co-DETR's collaborative auxiliary heads (model.aux, codetr/models/co_detr/)
+#   auto             co_detr when model.aux.heads is set, else deformable_detr (every preset before the switch)
+METHODS = ("auto", "deformable_detr", "h_detr", "group_detr", "co_detr")
+
+
+@dataclass
+class HybridConfig:
+    """H-Deformable-DETR's hybrid matching (Jia et al. 2023), model.method=h_detr: beside the one-to-one queries, a
+    one-to-many set matched (Hungarian) against the ground truth repeated `repeats` times, self-attention masked
+    between the two sets, trained on every decoder layer with weight `weight`; dropped at inference."""
+
+    num_queries: int = 1500  # one-to-many queries (the paper: 1500 beside 300 one-to-one)
+    repeats: int = 6  # k: copies of the ground truth the one-to-many queries are matched against
+    weight: float = 1.0  # lambda_one2many on every decoder layer's one-to-many loss
+
+
+@dataclass
+class GroupConfig:
+    """Group-DETR (Chen et al. 2023), model.method=group_detr: `num_groups` groups of model.num_queries queries,
+    self-attention within a group only, Hungarian matching per group, the loss averaged over groups (the
+    original's normaliser x G); inference with the first group."""
+
+    num_groups: int = 3  # G (the Co-DETR paper's comparison: 3)
+
+
+def resolved_method(model: "ModelConfig") -> str:
+    """model.method with "auto" resolved: co_detr when auxiliary heads are set, else deformable_detr."""
+    if model.method == "auto":
+        return "co_detr" if model.aux.heads else "deformable_detr"
+    return model.method
+
 
 @dataclass
 class ModelConfig:
     # "deformable_detr" (plain or ++, the switches below) or "dino" (DINO: denoising queries, query selection
     # by the best class score, the reference-point head; always two-stage with refinement)
     architecture: str = "deformable_detr"
+    method: str = "auto"  # METHODS: deformable_detr (one-to-one only), h_detr, group_detr, co_detr, auto
     num_classes: int = 0  # 0: take the number of categories from the training dataset
     num_queries: int = 300
     # Deformable-DETR's own switches, independent of each other. Both off is the paper's "Deformable-DETR"
@@ -129,7 +166,9 @@ class ModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)  # architecture "dino" only
-    aux: AuxConfig = field(default_factory=AuxConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)  # method co_detr
+    hybrid: HybridConfig = field(default_factory=HybridConfig)  # method h_detr
+    group: GroupConfig = field(default_factory=GroupConfig)  # method group_detr
 
 
 @dataclass
@@ -366,7 +405,9 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, "optim.lr", "> 0"),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),
         (cfg.train.ema_decay < 1.0, "train.ema_decay", "< 1"),
-        (all(h in AUX_HEAD_KINDS for h in cfg.model.aux.heads), "model.aux.heads", f"a list of {', '.join(AUX_HEAD_KINDS)}"),
+        (all(h in aux_head_kinds() for h in cfg.model.aux.heads), "model.aux.heads",
+         f"a list of {', '.join(aux_head_kinds())}"),
+        *method_checks(cfg.model),
         (cfg.model.two_stage or not cfg.model.mixed_selection, "model.mixed_selection", "false without two_stage"),
         (cfg.model.with_box_refine or not cfg.model.look_forward_twice, "model.look_forward_twice",
          "false without with_box_refine"),
@@ -378,6 +419,31 @@ def validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={_lookup(cfg, key)!r}: expected {expected}")
+
+
+def aux_head_kinds() -> tuple[str, ...]:
+    """The registered auxiliary head kinds (codetr.models.co_detr.heads.AUX_HEADS)."""
+    from codetr.models.co_detr.heads import AUX_HEADS
+
+    return tuple(AUX_HEADS)
+
+
+def method_checks(model: ModelConfig) -> list[tuple[bool, str, str]]:
+    """The method switch's consistency with the auxiliary heads and the architecture, and its own ranges."""
+    method = resolved_method(model)
+    return [
+        (model.method in METHODS, "model.method", " or ".join(METHODS)),
+        (method != "co_detr" or bool(model.aux.heads), "model.aux.heads",
+         "at least one head with model.method=co_detr, e.g. [atss]"),
+        (method == "co_detr" or not model.aux.heads, "model.aux.heads",
+         f"[] with model.method={method} (auxiliary heads are Co-DETR's: set model.method=co_detr)"),
+        (method not in ("h_detr", "group_detr") or model.architecture == "deformable_detr", "model.method",
+         "deformable_detr or co_detr with model.architecture=dino (H-DETR and Group-DETR are built on Deformable-DETR)"),
+        (model.hybrid.num_queries >= 0, "model.hybrid.num_queries", ">= 0"),
+        (model.hybrid.repeats >= 1, "model.hybrid.repeats", ">= 1"),
+        (model.hybrid.weight >= 0, "model.hybrid.weight", ">= 0"),
+        (model.group.num_groups >= 1, "model.group.num_groups", ">= 1"),
+    ]
 
 
 def _lookup(cfg: Config, key: str) -> Any:

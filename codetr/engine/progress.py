@@ -5,6 +5,8 @@ from collections import defaultdict
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from codetr.models.loss_terms import is_loss_term, parse_term
+
 
 def summarize_terms(record: dict[str, float]) -> dict[str, float]:
     """Group raw terms by their type over all layers/heads: {'loss': total, 'cls': ..., 'bbox': ..., 'giou': ...}."""
@@ -12,8 +14,8 @@ def summarize_terms(record: dict[str, float]) -> dict[str, float]:
     for name, value in record.items():
         if name == "loss":
             summary["loss"] = value
-        elif name.startswith(("dec.", "enc.", "aux.", "posq.")):
-            summary[name.rsplit(".", 1)[-1].removeprefix("loss_")] += value
+        elif is_loss_term(name):
+            summary[parse_term(name).short_type] += value
     return dict(summary)
 
 

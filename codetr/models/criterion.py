@@ -1,13 +1,10 @@
 """Losses of the one-to-one head: Hungarian matching, then focal + L1 + GIoU per decoder layer and on the
 encoder proposals.
 
-Every term is returned RAW (unweighted) under a stable dotted name:
-    dec.d{l}.loss_cls / loss_bbox / loss_giou   decoder layer l (0-based; the last is the output layer)
-    enc.loss_cls / loss_bbox / loss_giou        encoder proposals (Deformable-DETR: every token, class-agnostic;
-                                                DINO: the selected top-Q, with their classes)
-    dn.d{l}.loss_cls / ...                      DINO's denoising queries through decoder layer l
-    aux.<head>.<term>                           Co-DETR auxiliary head (its own one-to-many losses)
-    posq.<head>.d{l}.loss_cls / ...             that head's positive queries through decoder layer l
+Every term is returned RAW (unweighted) under a stable dotted name (the grammar: codetr/models/loss_terms.py):
+dec.d{l}.* for decoder layer l, enc.* for the encoder proposals (Deformable-DETR: every token, class-agnostic;
+DINO: the selected top-Q, with their classes), dn.d{l}.* for DINO's denoising queries, o2m.d{l}.* / grp.d{l}.*
+for H-DETR's one-to-many queries / Group-DETR's other groups, aux.<head>.* and posq.<head>.d{l}.* for Co-DETR.
 Weights (and lambda1 / lambda2) are applied once, in codetr/models/total_loss.py.
 """
 from __future__ import annotations
@@ -21,8 +18,10 @@ from codetr.box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_
 from codetr.config import ModelConfig
 from codetr.models.detector import DetectorOutput
 from codetr.models.dino.detector import DenoisingOutput
+from codetr.models.loss_terms import aux_term, encoder_term, layer_term, posq_term
 from codetr.models.losses import quality_focal_loss, sigmoid_focal_loss
 from codetr.models.matcher import HungarianMatcher
+from codetr.models.methods import QuerySetOutput
 from codetr.models.total_loss import LossWeights
 
 
@@ -134,15 +133,17 @@ class SetCriterion(nn.Module):
         losses: dict[str, Tensor] = {}
         for layer, (logits, boxes) in enumerate(outputs.layers):
             for name, value in self.matched_losses(logits, boxes, targets, num_boxes).items():
-                losses[f"dec.d{layer}.{name}"] = value
+                losses[layer_term("dec", layer, name)] = value
         if outputs.enc_logits is not None:
             # Deformable-DETR's proposals are class-agnostic: every object counts as class 0 (targets copied).
             enc_targets = ([{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
                            if outputs.enc_class_agnostic else targets)
             for name, value in self.matched_losses(outputs.enc_logits, outputs.enc_boxes, enc_targets, num_boxes).items():
-                losses[f"enc.{name}"] = value
+                losses[encoder_term(name)] = value
         if outputs.denoising is not None:
             losses.update(self.denoising_losses(outputs.denoising))
+        if outputs.extra_queries is not None:
+            losses.update(self.query_set_losses(outputs.extra_queries, targets))
         for branch in outputs.aux or []:
             losses.update(self.aux_losses(branch))
         return losses
@@ -156,19 +157,35 @@ class SetCriterion(nn.Module):
         losses = {}
         for layer, (logits, boxes) in enumerate(zip(denoising.logits, denoising.boxes)):
             terms = self.losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive, normalizer)
-            losses.update({f"dn.d{layer}.{term}": value for term, value in terms.items()})
+            losses.update({layer_term("dn", layer, term): value for term, value in terms.items()})
+        return losses
+
+    def query_set_losses(self, extra: QuerySetOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """H-DETR's one-to-many queries / Group-DETR's groups 1..G-1 on every decoder layer: each block of queries
+        Hungarian-matched on its own against each image's ground truth repeated `target_repeats` times (H-DETR's
+        k), normalised by the repeated boxes averaged over ranks, as the one-to-one loss is by its own."""
+        k = extra.target_repeats
+        repeated = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        normalizer = num_boxes_normalizer(repeated, extra.layers[0][0].device)
+        losses: dict[str, Tensor] = {}
+        for layer, (logits, boxes) in enumerate(extra.layers):
+            blocks = zip(logits.chunk(extra.num_blocks, 1), boxes.chunk(extra.num_blocks, 1))
+            per_block = [self.matched_losses(block_logits, block_boxes, repeated, normalizer)
+                         for block_logits, block_boxes in blocks]
+            for term in per_block[0]:
+                losses[layer_term(extra.term_group, layer, term)] = torch.stack([b[term] for b in per_block]).sum()
         return losses
 
     def aux_losses(self, branch) -> dict[str, Tensor]:
         """A Co-DETR branch: the head's own raw losses, and its positive queries' losses on every
         decoder layer against the head's one-to-many targets (no matching), normalised by positives."""
-        losses = {f"aux.{branch.name}.{term}": value for term, value in branch.head.losses.items()}
+        losses = {aux_term(branch.name, term): value for term, value in branch.head.losses.items()}
         queries = branch.posq.queries
         num_positive = synced_count(float(queries.positive.sum()), queries.labels.device)
         for layer, (logits, boxes) in enumerate(zip(branch.posq.decoded.logits, branch.posq.decoded.boxes)):
             terms = self.losses(logits, boxes, queries.labels, queries.target_boxes, queries.positive, num_positive)
             for term, value in terms.items():
-                losses[f"posq.{branch.name}.d{layer}.{term}"] = value
+                losses[posq_term(branch.name, layer, term)] = value
         return losses
 
 

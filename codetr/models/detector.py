@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.box_ops import clip_boxes, scale_boxes
-from codetr.config import ModelConfig
+from codetr.config import ModelConfig, resolved_method
 from codetr.models.backbone import build_backbone
+from codetr.models.methods import QuerySetOutput, build_query_method
 from codetr.models.neck import ChannelMapper
 from codetr.models.position_encoding import sine_position_encoding
 from codetr.models.soft_nms import batched_soft_nms
@@ -33,7 +34,8 @@ class DetectorOutput:
     for the per-layer losses; `enc_logits` / `enc_boxes` are the encoder proposals (two-stage only, else
     None): every token [B, S, *], trained class-agnostic (Deformable-DETR), or DINO's selected top-Q [B, Q, *],
     trained with their classes (`enc_class_agnostic` False). `denoising`: DINO's denoising queries and
-    their predictions (training only, else None).
+    their predictions (training only, else None). `extra_queries`: the training-only queries of H-DETR or
+    Group-DETR (codetr/models/methods/), else None.
     `memory` / `feats` are the encoder output and its layout, for the auxiliary branches and analyses.
     """
 
@@ -47,11 +49,13 @@ class DetectorOutput:
     feats: FlatFeatures | None = None
     aux: list | None = None  # Co-DETR's per-head training outputs (codetr.models.co_detr.model.AuxBranchOutput)
     denoising: DenoisingOutput | None = None  # DINO, training only
+    extra_queries: QuerySetOutput | None = None  # H-DETR's one-to-many queries / Group-DETR's groups 1.., training only
 
 
 class DeformableDETR(nn.Module):
     """Deformable-DETR: plain, or with any of two-stage, box refine, mixed selection, look forward twice
-    (all four: the paper's Deformable-DETR++)."""
+    (all four: the paper's Deformable-DETR++). With model.method h_detr or group_detr it composes that query
+    method (`query_method`), which adds training-only queries; inference is the one-to-one detector alone."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
@@ -64,6 +68,8 @@ class DeformableDETR(nn.Module):
         self.backbone = build_backbone(cfg.backbone, first_stage=5 - t.num_levels)
         self.neck = ChannelMapper(self.backbone.out_channels, t.d_model)
         self.level_strides = (*self.backbone.out_strides, 2 * self.backbone.out_strides[-1])
+        self.method = resolved_method(cfg)
+        self.query_method = build_query_method(cfg)
         self.transformer = self.build_transformer(cfg, num_classes)
         # Channels-last convolutions are faster on CPU (mkldnn) and on GPU tensor cores, and the
         # neck's channels-last outputs flatten into [B, HW, C] tokens without a copy.
@@ -87,6 +93,7 @@ class DeformableDETR(nn.Module):
             with_box_refine=cfg.with_box_refine,
             mixed_selection=cfg.mixed_selection,
             look_forward_twice=cfg.look_forward_twice,
+            num_train_queries=self.query_method.layout.total if self.query_method is not None else None,
         )
 
     def extract_features(self, images: Tensor, masks: Tensor) -> FlatFeatures:
@@ -101,16 +108,19 @@ class DeformableDETR(nn.Module):
         """images [B, 3, H, W], masks [B, H, W] (True = padding). `targets` is used only by Co-DETR's
         training branches (see CoDeformableDETR); the one-to-one detector ignores it."""
         feats = self.extract_features(images, masks)
-        decoded, proposals, memory = self.transformer(feats)
-        layers = list(zip(decoded.logits, decoded.boxes))
+        method = self.query_method if self.training else None
+        decoded, proposals, memory = self.transformer(feats, method.layout if method is not None else None)
+        q = self.transformer.num_queries  # the one-to-one queries come first
+        layers = [(logits[:, :q], boxes[:, :q]) for logits, boxes in zip(decoded.logits, decoded.boxes)]
         return DetectorOutput(
-            pred_logits=decoded.logits[-1],
-            pred_boxes=decoded.boxes[-1],
+            pred_logits=layers[-1][0],
+            pred_boxes=layers[-1][1],
             layers=layers,
             enc_logits=proposals.logits if proposals is not None else None,
             enc_boxes=proposals.boxes if proposals is not None else None,
             memory=memory,
             feats=feats,
+            extra_queries=method.training_queries(decoded) if method is not None else None,
         )
 
     def aux_loss_weights(self) -> dict[str, dict[str, float]]:
@@ -143,12 +153,12 @@ class DeformableDETR(nn.Module):
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:
-    """Deformable-DETR or DINO (`cfg.architecture`), with Co-DETR's auxiliary branches when `cfg.aux.heads`
-    is not empty (Co-Deformable-DETR, Co-DINO). `num_classes` comes from the dataset unless the config fixes
-    it (model.num_classes > 0)."""
+    """Deformable-DETR or DINO (`cfg.architecture`), trained by the config's method: the one-to-one baseline,
+    H-DETR or Group-DETR (query methods the detector composes), or Co-DETR (its auxiliary branches: Co-Deformable-
+    DETR, Co-DINO). `num_classes` comes from the dataset unless the config fixes it (model.num_classes > 0)."""
     num_classes = cfg.num_classes or num_classes
     dino = cfg.architecture == "dino"
-    if cfg.aux.heads:
+    if resolved_method(cfg) == "co_detr":
         from codetr.models.co_detr.model import CoDeformableDETR, CoDINO
 
         return (CoDINO if dino else CoDeformableDETR)(cfg, num_classes)

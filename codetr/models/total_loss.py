@@ -11,26 +11,35 @@ positive queries; lambda2 * L^enc sits inside the sum over layers, so an auxilia
 weight is L * lambda2 (6 x 2.0 = 12 with the defaults: the released config's loss weights). The
 two-stage encoder proposals' loss (a part of the one-to-one baseline) has weight 1.
 
-Raw terms are named (see codetr/models/criterion.py):
+Raw terms are named (the grammar: codetr/models/loss_terms.py):
     dec.d{l}.<type>, enc.<type>     the one-to-one head (decoder layer l, encoder proposals): L~dec_l
     dn.d{l}.<type>                  DINO's denoising queries at layer l: part of L~dec_l (weight 1)
     aux.<head>.<term>               auxiliary head i's own one-to-many losses: L^enc_i
     posq.<head>.d{l}.<type>         head i's positive queries through decoder layer l: L^dec_{i,l}
 A term of type loss_cls / loss_bbox / loss_giou weighs cls_weight / bbox_weight / giou_weight (2, 5, 2);
 an auxiliary head's term weighs that head's own weight for it (e.g. ATSS loss_bbox 2.0).
+
+The rival methods of the paper's comparison are weighted here too:
+    o2m.d{l}.<type>   H-DETR's one-to-many queries: lambda_one2many (model.hybrid.weight, 1.0) on every layer
+    grp.d{l}.<type>   Group-DETR's groups 1..G-1; with group 0's dec.d{l} terms divided by G (the original
+                      normalises by G x the boxes: the loss is the mean over groups). The encoder's term stays 1.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from codetr.config import ModelConfig
+from codetr.config import ModelConfig, resolved_method
+from codetr.models.loss_terms import LAYER_GROUPS, parse_term
 
 
 def branch_factors(cfg: ModelConfig) -> dict[str, float]:
-    """Eq. 6's factor on each group of terms: {"dec", "enc", "dn": 1, "posq": lambda1, "aux": L * lambda2}."""
+    """Eq. 6's factor on each group of terms: {"dec", "enc", "dn": 1, "posq": lambda1, "aux": L * lambda2}; and
+    H-DETR's "o2m": lambda_one2many, Group-DETR's "dec" and "grp": 1 / G."""
     layers = cfg.transformer.num_decoder_layers
-    return {"dec": 1.0, "enc": 1.0, "dn": 1.0, "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
+    groups = cfg.group.num_groups if resolved_method(cfg) == "group_detr" else 1
+    return {"dec": 1.0 / groups, "enc": 1.0, "dn": 1.0, "o2m": cfg.hybrid.weight, "grp": 1.0 / groups,
+            "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
 
 
 class LossWeights:
@@ -43,16 +52,17 @@ class LossWeights:
         self.factors = branch_factors(cfg)
 
     def __call__(self, name: str) -> float:
-        return self.factors[name.split(".")[0]] * self.term_weight(name)
+        return self.factors[parse_term(name).group] * self.term_weight(name)
 
     def term_weight(self, name: str) -> float:
         """The term's weight inside its own head's loss, without lambda1 / lambda2."""
-        group, *_, term = name.split(".")
-        if group in ("dec", "enc", "dn", "posq"):
-            return self.type_weights[term]
-        if group == "aux":
-            return self.aux_head_weights[name.split(".")[1]][term]
-        raise KeyError(name)
+        try:
+            parsed = parse_term(name)
+        except ValueError:
+            raise KeyError(name) from None
+        if parsed.group in (*LAYER_GROUPS, "enc", "posq"):
+            return self.type_weights[parsed.term]
+        return self.aux_head_weights[parsed.head][parsed.term]
 
 
 def weighted_total(losses: dict[str, Tensor], weights: LossWeights) -> tuple[Tensor, dict[str, Tensor]]:

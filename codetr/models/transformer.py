@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.box_ops import inverse_sigmoid
+from codetr.models.methods.common import QueryLayout, block_attention_mask
 from codetr.models.ms_deform_attn import MSDeformAttn
 from codetr.models.position_encoding import box_sine_embedding
 
@@ -258,6 +259,9 @@ class DeformableTransformer(nn.Module):
     two_stage=False: `query_embed` [Q, 2C] holds each query's (positional, content) halves and
     `reference_points` maps the positional half to a learned 2-d reference point. two_stage=True: the
     encoder scores every token as a proposal and the top Q become the queries' reference boxes.
+
+    num_train_queries (H-DETR, Group-DETR: codetr/models/methods/): the learned query rows, the one-to-one Q
+    first; `forward(feats, layout)` runs them all, and without a layout only the first Q.
     """
 
     def __init__(
@@ -276,10 +280,12 @@ class DeformableTransformer(nn.Module):
         with_box_refine: bool = True,
         mixed_selection: bool = True,
         look_forward_twice: bool = True,
+        num_train_queries: int | None = None,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.num_queries = num_queries
+        query_rows = num_train_queries or num_queries
         self.two_stage = two_stage
         self.mixed_selection = mixed_selection and two_stage
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
@@ -302,11 +308,11 @@ class DeformableTransformer(nn.Module):
                 self.enc_class_branch = self.decoder.class_branches[0]
                 self.enc_box_branch = self.decoder.box_branches[0]
             if self.mixed_selection:
-                self.content_queries = nn.Embedding(num_queries, d_model)
+                self.content_queries = nn.Embedding(query_rows, d_model)
             nn.init.xavier_uniform_(self.enc_output.weight)
             nn.init.xavier_uniform_(self.pos_trans.weight)
         else:
-            self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+            self.query_embed = nn.Embedding(query_rows, 2 * d_model)
             self.reference_points = nn.Linear(d_model, 2)
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
@@ -319,8 +325,8 @@ class DeformableTransformer(nn.Module):
         """Returns the encoder memory [B, S, C]."""
         return run_encoder(self.encoder_layers, feats)
 
-    def propose(self, memory: Tensor, feats: FlatFeatures) -> EncoderProposals:
-        """Score every encoder token as a proposal around a fixed grid box and keep the top Q."""
+    def propose(self, memory: Tensor, feats: FlatFeatures, num_proposals: int | None = None) -> EncoderProposals:
+        """Score every encoder token as a proposal around a fixed grid box and keep the top `num_proposals` (Q)."""
         grid_unact, valid = grid_proposals(feats)
         tokens = memory.masked_fill(~valid[..., None], 0.0)
         tokens = self.enc_output_norm(self.enc_output(tokens))
@@ -329,34 +335,43 @@ class DeformableTransformer(nn.Module):
         # Selection by class channel 0 (the encoder is trained class-agnostic: every object is class 0).
         # As in the released code, invalid tokens are not excluded: their memory is zeroed and their box
         # is at infinity, so they score low and, if picked, start as a full-image box.
-        topk = logits[..., 0].topk(self.num_queries, dim=1).indices
+        topk = logits[..., 0].topk(num_proposals or self.num_queries, dim=1).indices
         topk_boxes_unact = torch.gather(boxes_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
         return EncoderProposals(logits, boxes_unact.sigmoid(), topk_boxes_unact)
 
     def queries_from_boxes(self, boxes_unact: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, Q, 4] box logits -> (content queries, positional queries), each [B, Q, C]."""
+        """[B, N, 4] box logits -> (content queries, positional queries), each [B, N, C]; with mixed selection
+        the content queries are the first N learned rows."""
         embedded = box_sine_embedding(boxes_unact.sigmoid(), num_feats=self.d_model // 2)
         pos, content = self.pos_trans_norm(self.pos_trans(embedded)).split(self.d_model, -1)
         if self.mixed_selection:
-            content = self.content_queries.weight[None].expand(boxes_unact.shape[0], -1, -1)
+            content = self.content_queries.weight[None, : boxes_unact.shape[1]].expand(boxes_unact.shape[0], -1, -1)
         return content, pos
 
-    def learned_queries(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Single-stage queries: (content [B, Q, C], positional [B, Q, C], reference points [B, Q, 2])."""
-        pos, content = self.query_embed.weight.split(self.d_model, -1)
+    def learned_queries(self, batch: int, count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Single-stage queries, the first `count` (Q) rows: (content [B, N, C], positional [B, N, C], reference
+        points [B, N, 2])."""
+        pos, content = self.query_embed.weight[: count or self.num_queries].split(self.d_model, -1)
         pos, content = pos[None].expand(batch, -1, -1), content[None].expand(batch, -1, -1)
         return content, pos, self.reference_points(pos).sigmoid()
 
-    def forward(self, feats: FlatFeatures) -> tuple[DecoderOutput, EncoderProposals | None, Tensor]:
+    def forward(self, feats: FlatFeatures, layout: QueryLayout | None = None
+                ) -> tuple[DecoderOutput, EncoderProposals | None, Tensor]:
+        """layout: the training queries of a query method (H-DETR, Group-DETR), else the Q one-to-one queries
+        alone. The decoder output holds every query, the one-to-one ones first; `proposals` are the encoder's."""
+        layout = layout or QueryLayout(self.num_queries, self.num_queries, (self.num_queries,))
         memory = self.encode(feats)
         if self.two_stage:
-            proposals = self.propose(memory, feats)
-            content, pos = self.queries_from_boxes(proposals.topk_boxes_unact)
-            reference = proposals.topk_boxes_unact.sigmoid()
+            proposals = self.propose(memory, feats, layout.proposals)
+            # Group-DETR's groups share the top-Q proposals: the selection is tiled once per group.
+            boxes_unact = proposals.topk_boxes_unact.repeat(1, layout.total // layout.proposals, 1)
+            content, pos = self.queries_from_boxes(boxes_unact)
+            reference = boxes_unact.sigmoid()
         else:
             proposals = None
-            content, pos, reference = self.learned_queries(memory.shape[0])
-        decoded = self.decoder(content, pos, reference, memory, feats)
+            content, pos, reference = self.learned_queries(memory.shape[0], layout.total)
+        mask = block_attention_mask(layout.blocks, memory.device) if len(layout.blocks) > 1 else None
+        decoded = self.decoder(content, pos, reference, memory, feats, mask)
         return decoded, proposals, memory
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from codetr.box_ops import box_cxcywh_to_xyxy
 from codetr.config import AuxConfig, ModelConfig
 from codetr.models.co_detr.aux_features import AuxFeatureMaps
+from codetr.models.co_detr.heads import AUX_HEADS
 from codetr.models.co_detr.positive_queries import PositiveQueryEmbedding, PositiveQueryOutput, gather_queries
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
 from codetr.models.detector import DeformableDETR, DetectorOutput
@@ -24,39 +25,11 @@ from codetr.models.transformer import Decoder
 
 
 def build_aux_head(kind: str, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> nn.Module:
-    """One auxiliary head by its kind (the names of AuxConfig.heads), sized by `cfg` (num_convs, ...), on maps
-    at `strides` (the encoder's levels plus the downsampled one: 8..128, or 4..128 for 5-level models)."""
-    num_convs = cfg.num_convs
-    if kind == "atss":
-        from codetr.models.co_detr.heads.atss import ATSSHead
-
-        return ATSSHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
-    if kind == "retinanet":
-        from codetr.models.co_detr.heads.retinanet import RetinaNetHead
-
-        return RetinaNetHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
-    if kind == "fcos":
-        from codetr.models.co_detr.heads.fcos import FCOSHead, regress_ranges_for
-
-        return FCOSHead(num_classes, in_channels, num_convs=num_convs, ignore_padding=cfg.fcos_ignore_padding,
-                        strides=strides, regress_ranges=regress_ranges_for(strides))
-    if kind == "gfl":
-        from codetr.models.co_detr.heads.gfl import GFLHead
-
-        return GFLHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
-    if kind == "paa":
-        from codetr.models.co_detr.heads.paa import PAAHead
-
-        return PAAHead(num_classes, in_channels, num_convs=num_convs, strides=strides)
-    if kind == "faster_rcnn":
-        from codetr.models.co_detr.heads.faster_rcnn import FasterRCNNHead
-
-        # The RoI head pools from the encoder's levels (all but the downsampled one); released finest_scale:
-        # 112 on strides 8..64 (Co-Deformable-DETR), 56 on strides 4..64 (Co-DINO).
-        finest_scale = cfg.rcnn_finest_scale or 14.0 * strides[0]
-        return FasterRCNNHead(num_classes, in_channels, rpn_strides=strides, roi_strides=strides[:-1],
-                              finest_scale=finest_scale, fc_channels=cfg.rcnn_fc_channels)
-    raise ValueError(f"unknown auxiliary head kind {kind!r}")
+    """One auxiliary head by its kind (a key of AUX_HEADS), sized by `cfg` (num_convs, ...), on maps at `strides`
+    (the encoder's levels plus the downsampled one: 8..128, or 4..128 for 5-level models)."""
+    if kind not in AUX_HEADS:
+        raise ValueError(f"unknown auxiliary head kind {kind!r}; registered: {', '.join(AUX_HEADS)}")
+    return AUX_HEADS[kind].from_config(num_classes, in_channels, cfg, strides)
 
 
 def head_names(kinds: list[str]) -> list[str]:

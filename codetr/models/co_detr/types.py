@@ -6,8 +6,12 @@ Boxes here are xyxy in absolute pixels of the network input (the resized image, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from codetr.config import AuxConfig
 
 
 @dataclass
@@ -64,3 +68,24 @@ class AuxHeadOutput:
 
     losses: dict[str, Tensor]
     candidates: list[Candidates] = field(default_factory=list)
+
+
+class AuxHead(Protocol):
+    """The interface every auxiliary head declares (register one with codetr.models.co_detr.heads.register_aux_head).
+
+    kind: its name in `model.aux.heads` and in the log (`aux.<kind>.<term>`; a repeat is `<kind>_2`).
+    loss_weights: each raw loss term it returns -> its weight inside the head's loss, before Eq. 6's
+        num_decoder_layers x lambda2 (e.g. ATSS {"loss_cls": 1, "loss_bbox": 2, "loss_centerness": 1}).
+    from_config: the head for `num_classes` on maps of `in_channels` channels at `strides` (input pixels),
+        sized by the Co-DETR config (`cfg.num_convs`, ...).
+    forward: raw, unweighted loss terms (exactly the keys of loss_weights) and, per image, the candidates
+        of its one-to-many assignment, from which Co-DETR makes the customized positive queries.
+    """
+
+    kind: ClassVar[str]
+    loss_weights: dict[str, float]
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> AuxHead: ...
+
+    def __call__(self, inputs: AuxInputs) -> AuxHeadOutput: ...

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from codetr.config import AuxConfig
+
 from codetr.models.co_detr.anchors import multilevel_anchors, octave_scales
 from codetr.models.co_detr.assigners import ATSSAssigner
 from codetr.models.co_detr.box_coder import DeltaXYWHCoder
@@ -71,6 +73,11 @@ class ATSSHead(nn.Module):
     """
 
     kind = "atss"
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> "ATSSHead":
+        """The head as Co-DETR builds it: `cfg.num_convs` stacked convs on maps at `strides`."""
+        return cls(num_classes, in_channels, num_convs=cfg.num_convs, strides=strides)
 
     def __init__(
         self,

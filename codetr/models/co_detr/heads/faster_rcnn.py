@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from codetr.config import AuxConfig
 from codetr.models.co_detr.heads.roi_head import RoIHead
 from codetr.models.co_detr.heads.rpn import RPNHead
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
@@ -34,6 +35,15 @@ class FasterRCNNHead(nn.Module):
     """
 
     kind = "faster_rcnn"
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> "FasterRCNNHead":
+        """The head as Co-DETR builds it: the RPN on every map, the RoI head pooling from the encoder's levels
+        (all but the downsampled one), with the released finest_scale: 112 on strides 8..64
+        (Co-Deformable-DETR), 56 on strides 4..64 (Co-DINO), unless `cfg.rcnn_finest_scale` sets one."""
+        finest_scale = cfg.rcnn_finest_scale or 14.0 * strides[0]
+        return cls(num_classes, in_channels, rpn_strides=strides, roi_strides=strides[:-1], finest_scale=finest_scale,
+                   fc_channels=cfg.rcnn_fc_channels)
 
     def __init__(
         self, num_classes: int, in_channels: int = 256, num_convs: int = 1,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.box_ops import box_area
+from codetr.config import AuxConfig
 from codetr.models.co_detr.anchors import anchor_centre_valid
 from codetr.models.co_detr.heads.common import (
     Scale,
@@ -186,6 +187,13 @@ class FCOSHead(nn.Module):
     """
 
     kind = "fcos"
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> "FCOSHead":
+        """The head as Co-DETR builds it: `cfg.num_convs` stacked convs on maps at `strides`, with regress ranges
+        for those strides."""
+        return cls(num_classes, in_channels, num_convs=cfg.num_convs, ignore_padding=cfg.fcos_ignore_padding,
+                   strides=strides, regress_ranges=regress_ranges_for(strides))
 
     def __init__(
         self,

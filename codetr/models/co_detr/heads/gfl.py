@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.box_ops import box_area
+from codetr.config import AuxConfig
 from codetr.models.co_detr.anchors import multilevel_anchors, octave_scales
 from codetr.models.co_detr.assigners import ATSSAssigner
 from codetr.models.co_detr.heads.common import (
@@ -119,6 +120,11 @@ class GFLHead(nn.Module):
     """
 
     kind = "gfl"
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> "GFLHead":
+        """The head as Co-DETR builds it: `cfg.num_convs` stacked convs on maps at `strides`."""
+        return cls(num_classes, in_channels, num_convs=cfg.num_convs, strides=strides)
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from codetr.config import AuxConfig
+
 from codetr.models.co_detr.anchors import multilevel_anchors, octave_scales
 from codetr.models.co_detr.assigners import MaxIoUAssigner
 from codetr.models.co_detr.box_coder import DeltaXYWHCoder
@@ -47,6 +49,11 @@ class RetinaNetHead(nn.Module):
     """
 
     kind = "retinanet"
+
+    @classmethod
+    def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> "RetinaNetHead":
+        """The head as Co-DETR builds it: `cfg.num_convs` stacked convs on maps at `strides`."""
+        return cls(num_classes, in_channels, num_convs=cfg.num_convs, strides=strides)
 
     def __init__(
         self,

@@ -1,0 +1,87 @@
+"""The names of the raw loss terms: the one grammar the criterion writes and the total loss, the training log,
+the progress bar and the analyses read.
+
+    dec.d{l}.<type>          the one-to-one queries at decoder layer l (0-based; the last is the output layer)
+    enc.<type>               the encoder proposals (two-stage models)
+    dn.d{l}.<type>           DINO's denoising queries at decoder layer l
+    o2m.d{l}.<type>          H-DETR's one-to-many queries at decoder layer l
+    grp.d{l}.<type>          Group-DETR's groups 1..G-1 at decoder layer l (group 0 is `dec`)
+    aux.<head>.<term>        a Co-DETR auxiliary head's own loss term (the head's names, e.g. loss_rpn_cls)
+    posq.<head>.d{l}.<type>  that head's customized positive queries at decoder layer l
+<type> is loss_cls, loss_bbox or loss_giou; <head> is the head's log name (atss, faster_rcnn, atss_2, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Groups whose terms are per decoder layer, with the query-branch term types (loss_cls / loss_bbox / loss_giou).
+LAYER_GROUPS = ("dec", "dn", "o2m", "grp")
+GROUPS = ("dec", "enc", "dn", "o2m", "grp", "aux", "posq")
+# The one-to-one detector's own loss (what the "detr" head of the conflict analysis back-propagates).
+ONE_TO_ONE_GROUPS = ("dec", "enc")
+
+
+@dataclass(frozen=True)
+class TermName:
+    """A parsed term name. layer: the decoder layer (None for enc / aux); head: the auxiliary head (aux, posq)."""
+
+    group: str
+    term: str
+    layer: int | None = None
+    head: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.group]
+        if self.head is not None:
+            parts.append(self.head)
+        if self.layer is not None:
+            parts.append(f"d{self.layer}")
+        return ".".join([*parts, self.term])
+
+    @property
+    def short_type(self) -> str:
+        """The term's type without its prefix: 'cls', 'bbox', 'giou', 'rpn_cls', ... (the progress bar's columns)."""
+        return self.term.removeprefix("loss_")
+
+
+def layer_term(group: str, layer: int, term: str) -> str:
+    """'dec', 2, 'loss_cls' -> 'dec.d2.loss_cls'."""
+    return str(TermName(group, term, layer=layer))
+
+
+def encoder_term(term: str) -> str:
+    return str(TermName("enc", term))
+
+
+def aux_term(head: str, term: str) -> str:
+    return str(TermName("aux", term, head=head))
+
+
+def posq_term(head: str, layer: int, term: str) -> str:
+    return str(TermName("posq", term, layer=layer, head=head))
+
+
+def parse_term(name: str) -> TermName:
+    """The parts of a term name; ValueError if `name` is not a loss term (e.g. 'loss', 'lr', 'time')."""
+    parts = name.split(".")
+    group = parts[0]
+    try:
+        if group == "enc" and len(parts) == 2:
+            return TermName(group, parts[1])
+        if group in LAYER_GROUPS and len(parts) == 3 and parts[1].startswith("d"):
+            return TermName(group, parts[2], layer=int(parts[1][1:]))
+        if group == "aux" and len(parts) == 3:
+            return TermName(group, parts[2], head=parts[1])
+        if group == "posq" and len(parts) == 4 and parts[2].startswith("d"):
+            return TermName(group, parts[3], layer=int(parts[2][1:]), head=parts[1])
+    except ValueError:
+        pass
+    raise ValueError(f"{name!r} is not a loss term name (see codetr/models/loss_terms.py)")
+
+
+def is_loss_term(name: str) -> bool:
+    try:
+        parse_term(name)
+    except ValueError:
+        return False
+    return True
