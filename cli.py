@@ -483,6 +483,34 @@ def profile_command(
         console.print(f"wrote {paths['csv']} and {paths['json']}", soft_wrap=True, highlight=False)
 
 
+@app.command("instability")
+@user_errors
+def instability_command(
+    out: Path = typer.Option(..., "--out", help="Output folder: instability.csv, instability.json, instability.png."),
+    ckpt: List[Path] = typer.Option([], "--ckpt", help="A checkpoint of one run; repeat, in epoch order (at least 2)."),
+    run: List[Path] = typer.Option([], "--run", help="A training run folder: its epoch_XXX.pt in epoch order, named by the folder; repeatable."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of the --ckpt run (default: its folder's name)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder for every run; default: each run's own data."),
+    split: str = typer.Option("val", "--split", help="train or val (always with the test transforms)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="The first N images of the split (default: all)."),
+    layer: int = typer.Option(-1, "--layer", help="Decoder layer whose predictions are matched (-1 = last)."),
+    ema: bool = typer.Option(False, "--ema", help="Match with the EMA weights (default: the raw weights training matched with)."),
+    device: str = typer.Option("", "--device", help="cpu, cuda, cuda:1; default: cuda if available."),
+) -> None:
+    """Matching instability IS (Co-DETR Fig. 5, DN-DETR's definition): per pair of consecutive checkpoints, the
+    ground-truth boxes the Hungarian matching gives to a different query (mean per image, and as a fraction)."""
+    from analysis.instability import instability_table, resolve_runs, run_instability, write_instability
+    from codetr.engine.distributed import init_distributed
+
+    runs = resolve_runs(ckpt, label, run)
+    frame = run_instability(runs, data, split, max_images, layer, init_distributed(device).device, use_ema=ema)
+    settings = {"split": split, "max_images": max_images, "layer": layer, "ema": ema, "data": data,
+                "runs": {r.label: [str(p) for p in r.checkpoints] for r in runs}}
+    paths = write_instability(out, frame, settings)
+    Console().print(instability_table(frame))
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True, highlight=False)
+
+
 def print_metrics(metrics: dict[str, float]) -> None:
     """Two short lines (AP family, AR family) that fit an 80-column terminal."""
     for prefix in ("AP", "AR"):
