@@ -1,11 +1,11 @@
 """Training cost per configuration, in the shape of the paper's cost table: seconds per training
-iteration and peak memory, one row per config (config, K, heads, s/iter, x baseline, peak MB).
+iteration and peak memory, one row per config (config, method, K, heads, s/iter, x baseline, peak MB).
 
 A training iteration is `codetr.engine.train.train_step` on a fixed synthetic batch: forward, all
 losses, backward, gradient clipping and the optimizer step, with the config's mixed precision
 (train.amp, CUDA only). Data loading and EMA are not included. s/iter is the median over `iters`
-timed iterations after `warmup` untimed ones; "x baseline" divides by the first row with K = 0 (no
-auxiliary heads), or by the first row if there is none.
+timed iterations after `warmup` untimed ones; "x baseline" divides by the first row of the one-to-one baseline
+(method deformable_detr: no auxiliary heads, no H-DETR / Group-DETR queries), or by the first row if there is none.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated (tensors only, reset after warm-up, so it is the
 timed iterations' peak); on CPU the process's peak resident set size (ru_maxrss, which includes the
@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from codetr.config import Config, config_from_dict
+from codetr.config import Config, config_from_dict, resolved_method
 from codetr.engine.memory import peak_memory_mb
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_json, atomic_write_text
@@ -126,6 +126,7 @@ def measure_training_step(cfg: Config, size_hw: tuple[int, int], batch: int, ite
 class ProfileRow:
     config: str  # the label given, e.g. "co_tiny"
     preset: str
+    method: str  # model.method resolved: deformable_detr, h_detr, group_detr, co_detr
     k: int  # number of auxiliary heads
     heads: str  # "atss+faster_rcnn", or "-" for the baseline
     seconds_per_iter: float  # median
@@ -183,12 +184,13 @@ def profile_configs(configs: Sequence[tuple[str, Config]], size_hw: tuple[int, i
             bar.update(task, config=label)
             result = measure(cfg, size_hw, batch, iters, warmup, device, num_classes, seed)
             heads = cfg.model.aux.heads
-            rows.append(ProfileRow(label, cfg.preset, len(heads), "+".join(heads) or "-", result["seconds"], 1.0,
+            rows.append(ProfileRow(label, cfg.preset, resolved_method(cfg.model), len(heads), "+".join(heads) or "-",
+                                   result["seconds"], 1.0,
                                    result["peak_mb"], memory_kind(device), result["params"] / 1e6,
                                    result["peak_mb_before_model"], result["times"],
                                    f"{size_hw[0]}x{size_hw[1]}", batch, str(device)))
             bar.advance(task)
-    baseline = next((row for row in rows if row.k == 0), rows[0] if rows else None)
+    baseline = next((row for row in rows if row.method == "deformable_detr"), rows[0] if rows else None)
     for row in rows:
         row.x_baseline = row.seconds_per_iter / baseline.seconds_per_iter
     return rows

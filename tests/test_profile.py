@@ -33,7 +33,8 @@ def test_profile_in_process_tiny_config():
     cfg = apply_overrides(get_preset("tiny"), SMALL)
     (row,) = profile_configs([("tiny", cfg)], (64, 64), batch=1, iters=2, warmup=0, num_classes=3, isolate=False,
                              progress=False)
-    assert (row.config, row.k, row.heads, row.size, row.batch, row.memory) == ("tiny", 0, "-", "64x64", 1, "cpu_peak_rss")
+    assert (row.config, row.method, row.k, row.heads, row.size, row.batch, row.memory) == (
+        "tiny", "deformable_detr", 0, "-", "64x64", 1, "cpu_peak_rss")
     assert len(row.times) == 2 and all(t > 0 for t in row.times)
     assert math.isclose(row.seconds_per_iter, statistics.median(row.times), rel_tol=1e-12)
     assert row.x_baseline == 1.0 and row.peak_mb >= row.peak_mb_before_model > 0 and row.params_m > 1
@@ -47,7 +48,8 @@ def test_cli_profile_end_to_end(cli_env, tmp_path):
     assert "x baseline" in result.stdout and "atss+faster_rcnn" in result.stdout
     with open(tmp_path / "profile.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["config"], r["k"], r["heads"]) for r in rows] == [("tiny", "0", "-"), ("co_tiny_pp", "2", "atss+faster_rcnn")]
+    assert [(r["config"], r["method"], r["k"], r["heads"]) for r in rows] == [
+        ("tiny", "deformable_detr", "0", "-"), ("co_tiny_pp", "co_detr", "2", "atss+faster_rcnn")]
     records = json.loads((tmp_path / "profile.json").read_text())
     assert all(r["seconds_per_iter"] > 0 and r["peak_mb"] > 0 for r in records)
     assert records[0]["x_baseline"] == 1.0
