@@ -179,7 +179,7 @@ def convert_command(
 @app.command()
 @user_errors
 def ablate(
-    params: List[str] = typer.Option([], "--param", help="Parameter: lambda1, lambda2, num_convs, aux_heads, num_queries, epochs, lr or a dotted config key. Repeat for a product grid."),
+    params: List[str] = typer.Option([], "--param", help="Parameter: lambda1, lambda2, num_convs, aux_heads, method (deformable_detr, h_detr, group_detr, co_detr: model.method and the heads it implies), num_queries, epochs, lr or a dotted config key. Repeat for a product grid."),
     values: List[str] = typer.Option([], "--values", help="Comma-separated values of the preceding --param, e.g. 0.25,0.5,1,2 (aux_heads: atss+faster_rcnn, none)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="YAML grid spec with an explicit list of points, e.g. experiments/supp_table2_lambdas.yaml."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Base preset (default: the spec's, else co_tiny)."),
@@ -368,7 +368,8 @@ def data_synth(
 @app.command("iof-iob")
 @user_errors
 def iof_iob_command(
-    ckpt: List[Path] = typer.Option(..., "--ckpt", help="Checkpoint; repeat to compare several (one curve each)."),
+    ckpt: List[Path] = typer.Option([], "--ckpt", help="Checkpoint; repeat to compare several (one curve each)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="A `codetr ablate` folder: one curve per finished point (its lowest seed's last.pt, seed 0), labelled by the point, e.g. method=h_detr."),
     out: Path = typer.Option(..., "--out", help="Output folder: iof_iob.png, curves.csv, auc.csv, iof_iob.json."),
     data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder; default: each checkpoint's data."),
     num_images: int = typer.Option(64, "--num-images", help="The first N validation images."),
@@ -390,8 +391,21 @@ def iof_iob_command(
     aggregate = aggregate.replace("-", "_")
     if aggregate not in AGGREGATES:
         raise ConfigError(f"--aggregate {aggregate!r}: expected pooled or per-image")
-    results = run_iof_iob(ckpt, data, num_images, init_distributed(device).device, variants, top_queries, thresholds,
-                          spacing)
+    if not ckpt and grid is None:
+        raise ConfigError("give --ckpt CHECKPOINT (repeatable), --grid GRID_FOLDER, or both")
+    checkpoints, labels = list(ckpt), None
+    if grid is not None:  # the grid's points, labelled as in its table; any --ckpt keeps its path label
+        from analysis.labels import checkpoint_labels
+        from experiments.store import finished_checkpoints
+
+        found, unfinished = finished_checkpoints(grid)
+        if unfinished:
+            console.print(f"skipping the unfinished points {'; '.join(unfinished)}", soft_wrap=True, highlight=False,
+                          markup=False)
+        labels = (checkpoint_labels(ckpt) if ckpt else []) + [label for label, _ in found]
+        checkpoints += [path for _, path in found]
+    results = run_iof_iob(checkpoints, data, num_images, init_distributed(device).device, variants, top_queries,
+                          thresholds, spacing, labels=labels)
     paths = write_iof_iob(out, results, aggregate)
     table = Table(title=f"IoF-IoB area under the curve ({results[0].num_images} images; 0.5 = chance)")
     for name in ("checkpoint", "variant", "AUC pooled", "AUC per-image", "images"):

@@ -418,12 +418,14 @@ def accumulate_curves(model: nn.Module, loader, device: torch.device, variants: 
 def run_iof_iob(ckpts: Sequence[Path], data: Path | None = None, num_images: int = 64,
                 device: str | torch.device = "cpu", variants: Sequence[str] = VARIANTS, top_queries: int = 10,
                 num_thresholds: int = DEFAULT_NUM_THRESHOLDS, spacing: str = "quantile", bins: int = DEFAULT_BINS,
-                progress: bool = True) -> list[IoFIoBResult]:
+                progress: bool = True, labels: Sequence[str] | None = None) -> list[IoFIoBResult]:
     """IoF-IoB curves of each checkpoint on the first `num_images` validation images of its data
     (or of `data`, a COCO-layout folder). The EMA weights are used when the checkpoint has them.
 
     Each curve is reported at about `num_thresholds` thresholds (`spacing`, see
-    CurveAccumulator.display_indices); its AUC uses all bins + 1 fine thresholds.
+    CurveAccumulator.display_indices); its AUC uses all bins + 1 fine thresholds. `labels` name the
+    checkpoints in the results (legends, CSV rows; e.g. a grid's point labels), one each and distinct;
+    default: their shortest unique path suffixes (analysis.labels.checkpoint_labels).
     """
     from codetr.config import apply_overrides
     from codetr.engine.inference import load_detector
@@ -441,7 +443,9 @@ def run_iof_iob(ckpts: Sequence[Path], data: Path | None = None, num_images: int
         raise ConfigError(f"--thresholds={num_thresholds}: expected at least 2")
     if spacing not in THRESHOLD_SPACINGS:
         raise ConfigError(f"--spacing={spacing!r}: expected one of {', '.join(THRESHOLD_SPACINGS)}")
-    labels = checkpoint_labels(ckpts)
+    labels = checkpoint_labels(ckpts) if labels is None else list(labels)
+    if len(labels) != len(ckpts) or len(set(labels)) != len(labels):
+        raise ConfigError(f"labels {labels}: expected {len(ckpts)} distinct names, one per checkpoint")
     device = torch.device(device)
     results = []
     with _progress(progress) as bar:

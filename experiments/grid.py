@@ -16,6 +16,7 @@ a YAML spec holding an explicit list (the paper's lambda table is a list, not a 
     paper_metric: AP                 # what the `paper` numbers are
     points:                          # explicit points ...
       - {lambda1: 0.25, lambda2: 2, paper: 46.2}
+      - {method: h_detr, paper: 48.4, paper_mem_mb: 15307, paper_gpu_h: 104}   # + the paper's training cost
     product:                         # ... or a product (not both)
       num_convs: [0, 1, 2]
 """
@@ -39,15 +40,31 @@ DEFAULT_EPOCHS = 3
 DEFAULT_MAX_ITERS = 128
 
 
+# A point's optional paper numbers beside `paper` (its metric): the training cost of the paper's cost table,
+# shown beside the measured s/it and peak memory. Spec key -> table header.
+PAPER_COSTS: dict[str, str] = {"paper_mem_mb": "paper MB", "paper_gpu_h": "paper GPU-h"}
+
+
 @dataclass
 class GridPoint:
-    """One point: parameter name -> value text, plus the paper's number for it when a spec has one."""
+    """One point: parameter name -> value text, plus the paper's numbers for it when a spec has them: `paper`
+    (its metric) and the training cost (`paper_costs`, keys of PAPER_COSTS)."""
 
     values: dict[str, str]
     paper: float | None = None
+    paper_costs: dict[str, float] = field(default_factory=dict)
 
     def label(self) -> str:
         return ", ".join(f"{name}={value}" for name, value in self.values.items()) or "base"
+
+    def to_record(self) -> dict[str, Any]:
+        """The manifest's entry; the cost keys only when known, so manifests without them keep their shape."""
+        return {"values": self.values, "paper": self.paper, **self.paper_costs}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "GridPoint":
+        costs = {key: record[key] for key in PAPER_COSTS if record.get(key) is not None}
+        return cls(record["values"], record.get("paper"), costs)
 
 
 @dataclass
@@ -183,11 +200,19 @@ def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
 def _spec_point(item: Any, path: Path, index: int) -> GridPoint:
     if not isinstance(item, dict):
         raise ConfigError(f"{path}: points[{index}] must be a mapping such as {{lambda1: 0.5, paper: 46.6}}")
-    values = {name: format_value(value) for name, value in item.items() if name != "paper"}
-    paper = item.get("paper")
-    if paper is not None and (isinstance(paper, bool) or not isinstance(paper, (int, float))):
-        raise ConfigError(f"{path}: points[{index}].paper={paper!r}: expected a number (the paper's value) or no `paper:`")
-    return GridPoint(values, paper=float(paper) if paper is not None else None)
+    paper_keys = ("paper", *PAPER_COSTS)
+    values = {name: format_value(value) for name, value in item.items() if name not in paper_keys}
+    numbers: dict[str, float] = {}
+    for key in paper_keys:
+        number = item.get(key)
+        if number is None:
+            continue
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"{path}: points[{index}].{key}={number!r}: expected a number (the paper's value) "
+                              f"or no `{key}:`")
+        numbers[key] = float(number)
+    paper = numbers.pop("paper", None)
+    return GridPoint(values, paper=paper, paper_costs=numbers)
 
 
 def _integer(value: Any, path: Path, key: str, expected: str) -> int:

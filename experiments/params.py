@@ -7,19 +7,23 @@ A grid parameter is either a short name for one of the paper's knobs or any dott
                                                    per decoder layer (effective num_decoder_layers x lambda2)
     num_convs    model.aux.num_convs               stacked convs in the one-stage auxiliary heads (0..5)
     aux_heads    model.aux.heads                   K and which heads: `atss+faster_rcnn`, `none` for K=0
+    method       model.method (+ model.aux.heads)  how positives are added in training: deformable_detr (none),
+                                                   h_detr, group_detr (heads []) or co_detr (the base's heads,
+                                                   else [atss]: K = 1); an aux_heads of the same point wins
     num_queries  model.num_queries                 one-to-one queries
     epochs       optim.epochs                      with the lr drop at the preset's place in the schedule
                                                    (12 epochs dropping after 11 -> 36 dropping after 33)
     lr           optim.lr
 
 Values are given as text (`0.25`, `atss+faster_rcnn`, `[224,256]`) and parsed by the config's own typed
-parser, so a bad value fails before any run starts.
+parser, so a bad value fails before any run starts. A dotted key is set alone: `model.method=h_detr` keeps the
+base's heads (and fails validation on a base that has some), where `method=h_detr` also clears them.
 """
 from __future__ import annotations
 
 import difflib
 
-from codetr.config import Config, apply_overrides, epochs_overrides, scaled_lr_drops, valid_keys
+from codetr.config import METHODS, Config, apply_overrides, epochs_overrides, scaled_lr_drops, valid_keys
 from codetr.errors import ConfigError
 
 SHORT_NAMES: dict[str, str] = {
@@ -27,12 +31,18 @@ SHORT_NAMES: dict[str, str] = {
     "lambda2": "model.aux.lambda2",
     "num_convs": "model.aux.num_convs",
     "aux_heads": "model.aux.heads",
+    "method": "model.method",
     "num_queries": "model.num_queries",
     "epochs": "optim.epochs",
     "lr": "optim.lr",
 }
 
 NO_HEADS = ("none", "0", "[]", "")
+
+# The `method` parameter's values ("auto" is left to the dotted key: on a grid it would mean "whatever the
+# heads say") and the heads co_detr gets on a base without any: K = 1 (ATSS), the paper's comparison.
+GRID_METHODS = tuple(m for m in METHODS if m != "auto")
+DEFAULT_CO_DETR_HEADS = ("atss",)
 
 
 def config_key(name: str, cfg: Config) -> str:
@@ -61,11 +71,33 @@ def override_text(name: str, value: str, cfg: Config) -> str:
     return f"{key}={value}"
 
 
+def method_overrides(value: str, point: dict[str, str], cfg: Config) -> list[str]:
+    """The overrides of `method=value`: model.method plus the auxiliary heads the method implies ([] for the
+    one-to-one baseline, H-DETR and Group-DETR; for co_detr the base's heads, else [atss]), unless the same
+    point sets the heads itself (aux_heads or model.aux.heads), whose value then wins.
+
+    e.g. ('h_detr', {'method': 'h_detr'}, co_tiny) -> ['model.method=h_detr', 'model.aux.heads=[]']."""
+    method = str(value).strip()
+    if method not in GRID_METHODS:
+        raise ConfigError(f"method={method!r}: expected one of {', '.join(GRID_METHODS)}")
+    overrides = [f"model.method={method}"]
+    if any(config_key(name, cfg) == "model.aux.heads" for name in point):
+        return overrides
+    heads = (list(cfg.model.aux.heads) or list(DEFAULT_CO_DETR_HEADS)) if method == "co_detr" else []
+    return overrides + ["model.aux.heads=[" + ",".join(heads) + "]"]
+
+
 def point_overrides(point: dict[str, str], cfg: Config) -> list[str]:
     """The overrides of a grid point (parameter name -> value text), in the point's order. An epochs
     value also moves the lr drop (epochs_overrides), unless the point sets optim.lr_drop_epochs itself
-    or the base pinned it (its drops are not the ones its own epochs would get)."""
-    overrides = [override_text(name, value, cfg) for name, value in point.items()]
+    or the base pinned it (its drops are not the ones its own epochs would get). `method` may add the
+    heads it implies (method_overrides)."""
+    overrides: list[str] = []
+    for name, value in point.items():
+        if name == "method":
+            overrides += method_overrides(value, point, cfg)
+        else:
+            overrides.append(override_text(name, value, cfg))
     keys = [item.split("=", 1)[0] for item in overrides]
     pinned = tuple(cfg.optim.lr_drop_epochs) != scaled_lr_drops(cfg.preset, cfg.optim.epochs)
     if "optim.epochs" in keys and "optim.lr_drop_epochs" not in keys and not pinned:

@@ -205,20 +205,22 @@ def open_grid(root: Path, spec: GridSpec, base: Config, allow_changed_base: bool
         "paper_metric": spec.paper_metric,
         "baseline": baseline,
         "params": merged.param_names,
-        "points": [{"values": p.values, "paper": p.paper} for p in points],
+        "points": [p.to_record() for p in points],
         "seeds": sorted(set((manifest or {}).get("seeds", [])) | set(spec.seeds)),
     })
     return runs
 
 
 def _merge_points(manifest: dict | None, spec: GridSpec) -> list[GridPoint]:
-    points = [GridPoint(p["values"], p.get("paper")) for p in (manifest or {}).get("points", [])]
+    points = [GridPoint.from_record(p) for p in (manifest or {}).get("points", [])]
     for point in spec.points:
         match = next((p for p in points if p.values == point.values), None)
         if match is None:
             points.append(point)
-        elif point.paper is not None:
+            continue
+        if point.paper is not None:
             match.paper = point.paper
+        match.paper_costs.update(point.paper_costs)
     return points
 
 
@@ -262,9 +264,36 @@ def grid_runs(root: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     check_loss_convention(manifest, root / "manifest.json")
     runs = []
     for item in manifest["points"]:
-        point = GridPoint(item["values"], item.get("paper"))
+        point = GridPoint.from_record(item)
         for seed in manifest["seeds"]:
             run_dir = root / run_name(point, seed)
             if run_dir.exists():
                 runs.append(RunRecord(run_dir, point, seed))
     return manifest, runs
+
+
+def finished_checkpoints(root: Path, seed: int | None = None) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Each point's checkpoint for analyses over a grid (e.g. `codetr iof-iob --grid`), in the manifest's order.
+
+    Returns ([(point label, run/last.pt)] for the points whose run with `seed` (default: the grid's lowest,
+    normally 0) is done and has its last.pt, [labels of the other points]). The label names the point, e.g.
+    "method=h_detr", so curves of several methods read as the grid's table does.
+    """
+    root = Path(root)
+    manifest, _ = grid_runs(root)
+    seed = min(manifest["seeds"]) if seed is None else seed
+    if seed not in manifest["seeds"]:
+        raise ConfigError(f"{root}: no seed {seed} in this grid (its seeds: {', '.join(map(str, manifest['seeds']))})")
+    found, missing = [], []
+    for item in manifest["points"]:
+        point = GridPoint.from_record(item)
+        run_dir = root / run_name(point, seed)
+        checkpoint = run_dir / "last.pt"
+        if read_status(run_dir)["state"] == DONE and checkpoint.is_file():
+            found.append((point.label(), checkpoint))
+        else:
+            missing.append(point.label())
+    if not found:
+        raise ConfigError(f"{root}: no finished run with seed {seed} (a done run with its last.pt); "
+                          "run `codetr ablate` first")
+    return found, missing

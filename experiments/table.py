@@ -4,7 +4,8 @@ Metrics are COCO fractions in the store (0.423) and are shown in percent like th
 The spread is the sample standard deviation over seeds (ddof=1); with one seed none is shown.
 Files written into the grid folder:
     results.csv   one row per point, machine-readable (metrics as fractions with separate _mean / _std
-                  columns; `paper` as published, in percent)
+                  columns; `paper` as published, in percent; `paper_mem_mb` / `paper_gpu_h`, the paper's
+                  training memory and GPU-hours, when the spec gives them)
     results.md    the rendered table (Markdown);  results.tex  the same as a LaTeX tabular
     plot_<metric>.png   each chosen metric against the parameter (error bars over seeds)
 """
@@ -19,7 +20,7 @@ import pandas as pd
 from codetr.engine.evaluate import METRIC_NAMES
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_text
-from experiments.grid import GridPoint
+from experiments.grid import PAPER_COSTS, GridPoint
 from experiments.store import DONE, FAILED, grid_runs
 
 DEFAULT_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -94,6 +95,7 @@ def summarize(manifest: dict, runs: pd.DataFrame, metrics: list[str]) -> GridTab
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         for column in ("sec_per_iter", "peak_mem_mb"):
             row[column] = _mean(done[column]) if column in done else math.nan
+        row.update((key, float(item[key]) if item.get(key) is not None else math.nan) for key in PAPER_COSTS)
         row[f"delta_{primary}"] = math.nan
         if base_index is not None and primary in done and primary in done_runs[base_index]:
             ours = done.set_index("seed")[primary]
@@ -130,13 +132,37 @@ def _signed_percent(delta: float) -> str:
     return f"{round(100 * delta, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0: no "-0.00"
 
 
+def paper_cost_columns(table: GridTable) -> list[str]:
+    """The paper cost columns (PAPER_COSTS keys) that some point of the table has."""
+    return [key for key in PAPER_COSTS if key in table.points and table.points[key].notna().any()]
+
+
+def _number(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def _cost_cells(row: pd.Series, costs: list[str]) -> list[str]:
+    """s/it, then the paper's GPU-hours; peak MB, then the paper's memory: each measure beside its counterpart."""
+    cells = [_number(row["sec_per_iter"], ".2f")]
+    if "paper_gpu_h" in costs:
+        cells.append(_number(row["paper_gpu_h"], "g"))
+    cells.append(_number(row["peak_mem_mb"], ".0f"))
+    if "paper_mem_mb" in costs:
+        cells.append(_number(row["paper_mem_mb"], ".0f"))
+    return cells
+
+
 def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list[str]]]:
-    """Header and cells as text: parameters, metrics (percent), delta, paper, s/iter, peak MB, seeds."""
+    """Header and cells as text: parameters, metrics (percent), delta, paper, s/iter (paper GPU-h), peak MB
+    (paper MB), seeds; the paper's columns only when some point has a number for them."""
     primary = table.metrics[0]
     has_paper = table.points["paper"].notna().any()
+    costs = paper_cost_columns(table)
     header = [*table.params, *table.metrics, f"Δ{primary}"]
     header += [f"paper {table.paper_metric}"] if has_paper else []
-    header += ["s/it", "peak MB", "seeds"]
+    header += ["s/it"] + ([PAPER_COSTS["paper_gpu_h"]] if "paper_gpu_h" in costs else [])
+    header += ["peak MB"] + ([PAPER_COSTS["paper_mem_mb"]] if "paper_mem_mb" in costs else [])
+    header += ["seeds"]
     rows = []
     for _, row in table.points.iterrows():
         cells = [str(row[name]) + (" *" if row["is_baseline"] and name == table.params[-1] else "") for name in table.params]
@@ -145,8 +171,7 @@ def display_rows(table: GridTable, pm: str = "±") -> tuple[list[str], list[list
         cells.append(("0" if row["seeds_done"] else "-") if row["is_baseline"] else _signed_percent(delta))
         if has_paper:
             cells.append("-" if pd.isna(row["paper"]) else f"{row['paper']:.1f}")
-        cells.append("-" if math.isnan(row["sec_per_iter"]) else f"{row['sec_per_iter']:.2f}")
-        cells.append("-" if math.isnan(row["peak_mem_mb"]) else f"{row['peak_mem_mb']:.0f}")
+        cells += _cost_cells(row, costs)
         cells.append(f"{row['seeds_done']}/{row['seeds']}")
         rows.append(cells)
     return header, rows
@@ -156,6 +181,8 @@ def footnote(table: GridTable) -> str:
     note = "AP in percent; mean ± sample std over seeds."
     if table.baseline_label:
         note += f" * baseline ({table.baseline_label}); Δ is against it."
+    if paper_cost_columns(table):
+        note += " paper MB / GPU-h: the paper's training memory and GPU-hours in its own setting (s/it, peak MB: ours)."
     failed = table.points[table.points["errors"] != ""]
     for _, row in failed.iterrows():
         note += f"\n{'failed' if row['seeds_failed'] else 'interrupted'} at {row['label']}: {row['errors']}"
@@ -196,8 +223,8 @@ def to_latex(table: GridTable) -> str:
 
 def to_csv(table: GridTable) -> str:
     columns = [*table.params, *(f"{m}_{s}" for m in table.metrics for s in ("mean", "std")),
-               f"delta_{table.metrics[0]}", "paper", "sec_per_iter", "peak_mem_mb", "seeds_done", "seeds", "is_baseline",
-               "errors"]
+               f"delta_{table.metrics[0]}", "paper", *paper_cost_columns(table), "sec_per_iter", "peak_mem_mb",
+               "seeds_done", "seeds", "is_baseline", "errors"]
     return table.points[columns].to_csv(index=False)
 
 

@@ -29,7 +29,8 @@ def test_paper_preset_defaults():
     ("dino_5scale_r50_1x", True, []), ("co_dino_5scale_r50_1x", True, ["atss", "faster_rcnn"]),
     ("co_dino_5scale_lsj_r50_1x", True, ["atss", "faster_rcnn"]), ("co_dino_5scale_9enc_lsj_r50_3x", True, ["atss", "faster_rcnn"]),
     ("co_dino_5scale_swin_l_1x", True, ["atss", "faster_rcnn"]), ("dino_tiny", True, []),
-    ("co_dino_tiny", True, ["atss", "faster_rcnn"]),
+    ("co_dino_tiny", True, ["atss", "faster_rcnn"]), ("h_deformable_detr_pp_r50_1x", True, []),
+    ("group_deformable_detr_r50_1x", False, []),
 ])
 def test_presets_are_the_papers_rows(preset, two_stage, heads):
     cfg = get_preset(preset)

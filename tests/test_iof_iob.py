@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import matplotlib
 import pytest
@@ -229,6 +230,39 @@ def test_cli_iof_iob_end_to_end(tiny_ckpt, co_tiny_pp_ckpt, synth_root, cli_env,
         assert curve["iof"][-1] == 0.0 and curve["iob"][-1] == 0.0
     with Image.open(out / "iof_iob.png") as png:
         assert png.size[0] > png.size[1] > 100
+
+
+def test_cli_iof_iob_over_a_grid_labels_curves_by_point(tiny_ckpt, co_tiny_pp_ckpt, synth_root, tmp_path):
+    """`--grid`: one curve per finished point (seed 0's last.pt) labelled by the point, beside any --ckpt; a point
+    trained with model.method=co_detr deploys as its one-to-one detector; unfinished points are skipped."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from experiments.ablate import Schedule, grid_from_flags, resolve_base
+    from experiments.store import DONE, open_grid, update_status
+
+    grid = tmp_path / "grid"
+    spec, base = resolve_base(grid_from_flags([("method", "deformable_detr,co_detr,h_detr")], preset="co_tiny_pp"),
+                              Schedule(), None)
+    runs = {run.point.values["method"]: run for run in open_grid(grid, spec, base)}
+    shutil.copy(tiny_ckpt, runs["deformable_detr"].directory / "last.pt")
+    state = torch.load(co_tiny_pp_ckpt, map_location="cpu", weights_only=True)
+    state["config"]["model"]["method"] = "co_detr"  # as the grid's `method=co_detr` point trains it
+    torch.save(state, runs["co_detr"].directory / "last.pt")
+    for method in ("deformable_detr", "co_detr"):
+        update_status(runs[method].directory, state=DONE)
+    out = tmp_path / "iof"
+    result = CliRunner().invoke(app, ["iof-iob", "--grid", str(grid), "--ckpt", str(tiny_ckpt), "--data", str(synth_root),
+                                      "--num-images", "2", "--variant", "encoder", "--thresholds", "11", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipping the unfinished points method=h_detr" in result.output
+    with open(out / "auc.csv") as f:
+        labels = list(dict.fromkeys(row["checkpoint"] for row in csv.DictReader(f)))
+    assert labels == [f"{tiny_ckpt.parent.name}/last", "method=deformable_detr", "method=co_detr"]
+    results = json.loads((out / "iof_iob.json").read_text())["results"]
+    assert [r["path"] for r in results][1:] == [str(runs[m].directory / "last.pt") for m in ("deformable_detr", "co_detr")]
+    nothing = CliRunner().invoke(app, ["iof-iob", "--out", str(out)])
+    assert nothing.exit_code == 2 and "give --ckpt CHECKPOINT (repeatable), --grid GRID_FOLDER, or both" in nothing.output
 
 
 def test_cli_iof_iob_bad_input(cli_env, tmp_path):

@@ -41,6 +41,8 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
     if deploy:
         cfg.model.aux.heads = []
+        if cfg.model.method == "co_detr":  # without its heads, Co-DETR's deployed model is the one-to-one baseline
+            cfg.model.method = "deformable_detr"
         weights = {k: v for k, v in weights.items() if not k.startswith("aux.")}
     model = build_detector(cfg.model, state["num_classes"])
     load_model_state(model, weights, source=str(ckpt))

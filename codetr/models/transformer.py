@@ -62,13 +62,17 @@ def ffn(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_model, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, d_model))
 
 
-def init_ffns(layers: list[nn.Module]) -> None:
-    """Xavier-uniform weights and zero biases for every layer's FFN (Deformable-DETR's initialisation)."""
+def init_layer_linears(layers: list[nn.Module]) -> None:
+    """Xavier-uniform weights and zero biases for every layer's FFN, and Xavier-uniform for the decoder
+    self-attention's output projection (Deformable-DETR, H-DETR and mmdet Xavier-fill every matrix of the
+    transformer; torch already fills the attention's input projection so)."""
     for layer in layers:
         for linear in layer.ffn:
             if isinstance(linear, nn.Linear):
                 nn.init.xavier_uniform_(linear.weight)
                 nn.init.zeros_(linear.bias)
+        if isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention):
+            nn.init.xavier_uniform_(layer.self_attn.out_proj.weight)
 
 
 class EncoderLayer(nn.Module):
@@ -319,7 +323,7 @@ class DeformableTransformer(nn.Module):
             # A 2-d reference point has no size: the first box branch starts at sigmoid(-2) = 0.12 wide and
             # high, as in Deformable-DETR (its two-stage boxes start at their proposal's size instead).
             nn.init.constant_(self.decoder.box_branches[0][-1].bias[2:], -2.0)
-        init_ffns([*self.encoder_layers, *self.decoder.layers])
+        init_layer_linears([*self.encoder_layers, *self.decoder.layers])
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""

@@ -16,7 +16,7 @@ from codetr.models.dino.denoising import DINO_LOGIT_EPS, DenoisingQueries
 from codetr.models.position_encoding import box_sine_embedding
 from codetr.models.transformer import (
     DecoderLayer, DecoderOutput, EncoderLayer, EncoderProposals, FlatFeatures, box_branch, class_branch,
-    grid_proposals, init_ffns, run_encoder,
+    grid_proposals, init_layer_linears, run_encoder,
 )
 
 
@@ -95,7 +95,7 @@ class DINOTransformer(nn.Module):
         self.content_queries = nn.Embedding(num_queries, d_model)
         nn.init.normal_(self.content_queries.weight)
         nn.init.xavier_uniform_(self.enc_output.weight)
-        init_ffns([*self.encoder_layers, *self.decoder.layers])
+        init_layer_linears([*self.encoder_layers, *self.decoder.layers])
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
