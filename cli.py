@@ -87,30 +87,22 @@ def evaluate_command(
     overrides: List[str] = typer.Option([], "--set", help="Data overrides, e.g. data.val_ann=FILE."),
     device: str = typer.Option("", "--device"),
     no_ema: bool = typer.Option(False, "--no-ema", help="Evaluate the raw weights even if EMA weights exist."),
+    branch: List[str] = typer.Option([], "--branch", help="detr (default: the one-to-one head), an auxiliary head by its log name (atss, faster_rcnn, atss_2, ...) or all; repeatable."),
 ) -> None:
-    """COCO-evaluate a checkpoint on the validation split; writes metrics.json and detections.json."""
-    from codetr.config import apply_overrides
-    from codetr.data.loaders import build_dataset, build_eval_loader
-    from codetr.engine.distributed import init_distributed
-    from codetr.engine.evaluate import evaluate, write_eval_outputs
-    from codetr.engine.inference import load_detector
-    from codetr.errors import DataError
+    """COCO-evaluate a checkpoint on the validation split; writes metrics.json and detections.json (another
+    branch: metrics_<branch>.json, detections_<branch>.json)."""
+    from codetr.engine.branch_eval import DETR, branch_table, evaluate_checkpoint
 
-    info = init_distributed(device)
-    detector = load_detector(ckpt, info.device, use_ema=not no_ema)
-    extra = [f"data.root={data}"] if data is not None else []
-    data_cfg = apply_overrides(detector.cfg, extra + list(overrides)).data
-    dataset = build_dataset(data_cfg, "val")
-    if dataset.cat_ids != detector.cat_ids:
-        raise DataError(f"{dataset.ann_file}: categories {dataset.cat_ids} differ from the checkpoint's {detector.cat_ids}")
-    loader = build_eval_loader(dataset, data_cfg, info.rank, info.world_size)
-    metrics, detections = evaluate(detector.model, loader, dataset.coco, dataset.cat_ids, info.device, progress=info.is_main)
-    if info.is_main:
-        out_dir = out if out is not None else ckpt.parent
-        paths = write_eval_outputs(out_dir, metrics, detections, extra={"checkpoint": str(ckpt), "epoch": detector.epoch,
-                                                                         "ann_file": str(dataset.ann_file)})
-        print_metrics(metrics)
-        console.print(f"wrote {paths[0]} and {paths[1]}")
+    run = evaluate_checkpoint(ckpt, data, overrides, device, not no_ema, list(branch), out)
+    if not run.is_main:
+        return
+    if run.branches == [DETR]:
+        print_metrics(run.metrics[DETR])
+        console.print(f"wrote {run.paths[DETR][0]} and {run.paths[DETR][1]}")
+    else:
+        Console().print(branch_table(run.metrics))
+        files = ", ".join(f"{m.name} + {d.name}" for m, d in run.paths.values())
+        console.print(f"wrote {files} to {next(iter(run.paths.values()))[0].parent}", soft_wrap=True, highlight=False)
 
 
 @app.command()

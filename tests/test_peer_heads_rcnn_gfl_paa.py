@@ -20,7 +20,7 @@ stacked conv) for GFL / PAA: codetr's defaults, so no option is set. The peer's 
 StandardRoIHead: Co-DETR's CoStandardRoIHead (not in mmdet's pip package) samples and computes its losses
 the same way and only adds the sampled RoIs as positive-query inputs, truncated to the batch's smallest
 per-image count; codetr keeps each image's own count by design (see faster_rcnn.py), equal here (512 each).
-mmdet's PAA score voting only changes inference, which the auxiliary heads never run.
+mmdet's PAA score voting only changes inference (an auxiliary head's own, tests/test_aux_branch_eval.py).
 A missing fixture is a failure, not a skip.
 """
 from __future__ import annotations

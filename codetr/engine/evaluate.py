@@ -11,7 +11,7 @@ import dataclasses
 import copy
 import io
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -206,6 +206,11 @@ def _merge_per_image(per_image_per_rank: list[dict[int, list[dict]]]) -> dict[in
     return merged
 
 
+# (outputs of `model(images, masks)`, masks [B, H, W] True = pad, orig_sizes [B, 2] (h, w)) -> per image
+# {"scores" [K], "labels" [K] contiguous, "boxes" [K, 4] xyxy abs pixels of the original image}
+Postprocess = Callable[[Any, Tensor, Tensor], list[dict]]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -233,6 +238,30 @@ def evaluate(
         (metrics {name: float}, COCO result records sorted by image id). Under torch.distributed,
         records are gathered from all ranks and rank 0 evaluates; the other ranks return ({}, []).
     """
+    def postprocess(outputs: Any, masks: Tensor, orig_sizes: Tensor) -> list[dict]:
+        return model.postprocess(outputs, orig_sizes)
+
+    return evaluate_branches(model, data_loader, coco_gt, cat_ids, device, {"detr": postprocess}, amp, progress)["detr"]
+
+
+@torch.no_grad()
+def evaluate_branches(
+    model: nn.Module,
+    data_loader: Iterable,
+    coco_gt: COCO,
+    cat_ids: list[int],
+    device: torch.device | str,
+    postprocessors: dict[str, Postprocess],
+    amp: bool = False,
+    progress: bool = True,
+) -> dict[str, tuple[dict[str, float], list[dict]]]:
+    """`evaluate` for several post-processings of one forward pass per batch (e.g. the one-to-one head and
+    Co-DETR's auxiliary heads, see codetr.engine.branch_eval).
+
+    postprocessors: name -> Postprocess(outputs, masks, orig_sizes) -> per image results (see `evaluate`).
+    Returns name -> (metrics, records sorted by image id); ({}, []) on ranks other than 0. COCOeval's
+    summary is printed (with `progress`) only when there is one post-processing.
+    """
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -240,7 +269,7 @@ def evaluate(
     was_training = model.training
     model.eval()
 
-    per_image: dict[int, list[dict]] = {}
+    per_image: dict[str, dict[int, list[dict]]] = {name: {} for name in postprocessors}
     with _progress_bar(progress and rank == 0) as bar:
         task = bar.add_task("eval", total=_loader_length(data_loader))
         for batch in data_loader:
@@ -252,43 +281,48 @@ def evaluate(
             # [B, 2] (h, w): the original pixels the (unpadded) input covers; with LSJ the padded square's
             # extent ("box_extent"), as mmdet's use_lsj scales and clips to the padded input.
             orig_sizes = torch.stack([torch.as_tensor(t.get("box_extent", t["orig_size"])) for t in batch.targets]).to(device)
-            results = model.postprocess(outputs, orig_sizes)
             image_ids = [int(t["image_id"]) for t in batch.targets]
-            for image_id, result in zip(image_ids, results):
-                # setdefault: an image repeated in the loader counts once, as across ranks.
-                per_image.setdefault(image_id, detections_to_coco([result], [image_id], cat_ids))
+            for name, postprocess in postprocessors.items():
+                results = postprocess(outputs, batch.masks, orig_sizes)
+                for image_id, result in zip(image_ids, results):
+                    # setdefault: an image repeated in the loader counts once, as across ranks.
+                    per_image[name].setdefault(image_id, detections_to_coco([result], [image_id], cat_ids))
             bar.advance(task)
     model.train(was_training)
 
     if distributed:
-        gathered: list[dict[int, list[dict]] | None] = [None] * dist.get_world_size()
+        gathered: list[dict[str, dict[int, list[dict]]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, per_image)
         if rank != 0:
-            return {}, []
-        per_image = _merge_per_image([g for g in gathered if g is not None])
+            return {name: ({}, []) for name in postprocessors}
+        per_image = {name: _merge_per_image([g[name] for g in gathered if g is not None]) for name in postprocessors}
 
-    if not per_image:
-        raise DataError("the evaluation data loader yielded no images; nothing to evaluate")
-    records = [record for image_id in sorted(per_image) for record in per_image[image_id]]
-    metrics = coco_evaluate(coco_gt, records, image_ids=sorted(per_image), verbose=progress)
-    return metrics, records
+    outcome = {}
+    for name, images in per_image.items():
+        if not images:
+            raise DataError("the evaluation data loader yielded no images; nothing to evaluate")
+        records = [record for image_id in sorted(images) for record in images[image_id]]
+        metrics = coco_evaluate(coco_gt, records, image_ids=sorted(images), verbose=progress and len(per_image) == 1)
+        outcome[name] = (metrics, records)
+    return outcome
 
 
 def write_eval_outputs(
-    out_dir: Path, metrics: dict[str, float], detections: list[dict], extra: dict | None = None
+    out_dir: Path, metrics: dict[str, float], detections: list[dict], extra: dict | None = None, suffix: str = ""
 ) -> tuple[Path, Path]:
-    """Atomically write out_dir/metrics.json ({metric: value, **extra}) and out_dir/detections.json.
+    """Atomically write out_dir/metrics{suffix}.json ({metric: value, **extra}) and out_dir/detections{suffix}.json.
 
     detections.json is a plain COCO results list, loadable by `COCO.loadRes`. Path values in `extra`
-    are written as strings. Returns (metrics_path, detections_path).
+    are written as strings. suffix: e.g. "_atss" for an auxiliary head's files. Returns (metrics_path,
+    detections_path).
     """
     out_dir = Path(out_dir)
     extra = {k: str(v) if isinstance(v, Path) else v for k, v in (extra or {}).items()}
     clashes = sorted(set(extra) & set(metrics))
     if clashes:
         raise ValueError(f"extra keys {clashes} would overwrite metrics of the same name")
-    metrics_path = out_dir / "metrics.json"
-    detections_path = out_dir / "detections.json"
+    metrics_path = out_dir / f"metrics{suffix}.json"
+    detections_path = out_dir / f"detections{suffix}.json"
     atomic_write_json(metrics_path, {**{k: float(v) for k, v in metrics.items()}, **extra})
     # No indentation: COCO-sized result lists are hundreds of thousands of records.
     atomic_write_json(detections_path, detections, indent=None)

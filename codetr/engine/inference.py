@@ -31,7 +31,7 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
 
     deploy=True builds the one-to-one detector alone: Co-DETR's training-only branches (`aux.*`) are
     left out, so the deployed model has the baseline's parameters and cost. deploy=False keeps them
-    (for analyses of the auxiliary heads).
+    (for analyses of the auxiliary heads, and `codetr eval --branch`).
     """
     state = load_any_checkpoint(ckpt)  # a released Sense-X / mmdet 3.x file is converted in memory
     cfg = config_from_dict(state["config"])

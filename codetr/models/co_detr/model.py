@@ -2,7 +2,9 @@
 
 The auxiliary parts are built AFTER the baseline detector, so for the same seed the baseline's
 parameters are identical with and without them, and inference (`forward` without targets, in eval
-mode) never touches them: the deployed detector is exactly the baseline.
+mode) never touches them: the deployed detector is exactly the baseline. An auxiliary head can still be
+evaluated on its own (the paper's Table 11, the released `eval_module`): `postprocess_aux` runs it on the
+encoder output of a forward pass, with its usual post-processing and NMS.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from codetr.box_ops import box_cxcywh_to_xyxy
 from codetr.config import AuxConfig, ModelConfig
 from codetr.models.co_detr.aux_features import AuxFeatureMaps
 from codetr.models.co_detr.heads import AUX_HEADS
+from codetr.models.co_detr.heads.detect import Detections, rescale_detections, valid_sizes
 from codetr.models.co_detr.positive_queries import PositiveQueryEmbedding, PositiveQueryOutput, gather_queries
-from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
+from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, DetectingAuxHead
 from codetr.models.detector import DeformableDETR, DetectorOutput
 from codetr.models.dino.detector import DINO
 from codetr.models.dino.transformer import DINODecoder
@@ -87,11 +90,31 @@ class CollaborativeBranches(nn.Module):
         """Each head's own per-term weights, by head name."""
         return {name: dict(head.loss_weights) for name, head in zip(self.names, self.heads)}
 
+    def kinds(self) -> dict[str, str]:
+        """Each head's kind by its name, in order (e.g. {"atss": "atss", "faster_rcnn": ..., "atss_2": "atss"})."""
+        return dict(zip(self.names, self.cfg.heads))
+
+    def can_detect(self, name: str) -> bool:
+        """Whether head `name` has its own inference (`DetectingAuxHead`)."""
+        return isinstance(self.heads[self.names.index(name)], DetectingAuxHead)
+
+    @torch.no_grad()
+    def detect(self, name: str, out: DetectorOutput, masks: Tensor) -> list[Detections]:
+        """Head `name`'s own detections on the encoder output of `out` (an eval-mode forward; masks [B, H, W], True =
+        padding): the auxiliary maps (the encoder levels plus the downsampled one), then the head's `detect`.
+        Per image {"scores" [k], "labels" [k], "boxes" [k, 4] xyxy network-input pixels}."""
+        if name not in self.names:
+            raise KeyError(f"no auxiliary head {name!r}; the heads are {', '.join(self.names) or 'none'}")
+        head = self.heads[self.names.index(name)]
+        if not isinstance(head, DetectingAuxHead):
+            raise TypeError(f"auxiliary head {name!r} ({type(head).__name__}) has no detect()")
+        maps, _ = self.feature_maps(out.memory, out.feats)
+        return head.detect(maps, valid_sizes(masks))
+
     def forward(self, out: DetectorOutput, masks: Tensor, targets: list[dict[str, Tensor]],
                 decoder: Decoder | DINODecoder) -> list[AuxBranchOutput]:
         maps, level_masks = self.feature_maps(out.memory, out.feats)
-        # Valid (unpadded) size of every image, from the padding mask: [B, 2] (h, w).
-        image_sizes = torch.stack(((~masks[:, :, 0]).sum(1), (~masks[:, 0, :]).sum(1)), -1)
+        image_sizes = valid_sizes(masks)  # [B, 2] (h, w) of every image, from the padding mask
         scales = image_sizes.flip(-1).repeat(1, 2).to(out.memory.dtype)  # (w, h, w, h)
         inputs = AuxInputs(
             maps=maps,
@@ -115,9 +138,9 @@ class CollaborativeBranches(nn.Module):
 
 
 class CollaborativeDetector:
-    """Adds Co-DETR's collaborative branches (`aux`, training only) to a one-to-one detector class; see
-    CoDeformableDETR and CoDINO. The branches are built AFTER the detector, so that for the same seed the
-    detector's own parameters are identical with and without them."""
+    """Adds Co-DETR's collaborative branches (`aux`: trained with the detector; `postprocess_aux` evaluates one on
+    its own) to a one-to-one detector class; see CoDeformableDETR and CoDINO. The branches are built AFTER the
+    detector, so that for the same seed the detector's own parameters are identical with and without them."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
@@ -132,6 +155,24 @@ class CollaborativeDetector:
 
     def aux_loss_weights(self) -> dict[str, dict[str, float]]:
         return self.aux.loss_weights()
+
+    @torch.no_grad()
+    def postprocess_aux(self, name: str, outputs: DetectorOutput, masks: Tensor, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Auxiliary head `name`'s own detections, rescaled like `postprocess` (the released eval_module
+        'one-stage' / 'two-stage' with eval_index on that head).
+
+        outputs: an eval-mode forward of images with padding masks [B, H, W] (True = padding); orig_sizes [B, 2]
+        (h, w) of the original images (with LSJ the padded square's extent, target["box_extent"]). The head's
+        boxes, clipped to the valid input size, are scaled per axis by orig / valid size. Returns per image
+        {"scores" [k], "labels" [k] (contiguous), "boxes" [k, 4] xyxy in original-image pixels}.
+        """
+        return rescale_detections(self.aux.detect(name, outputs, masks), valid_sizes(masks), orig_sizes)
+
+    @torch.no_grad()
+    def predict_aux(self, name: str, images: Tensor, masks: Tensor, orig_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Run the detector (backbone, neck, encoder; eval mode) on images [B, 3, H, W] and return auxiliary head
+        `name`'s detections as `postprocess_aux` does."""
+        return self.postprocess_aux(name, self(images, masks), masks, orig_sizes)
 
 
 class CoDeformableDETR(CollaborativeDetector, DeformableDETR):

@@ -6,7 +6,7 @@ Boxes here are xyxy in absolute pixels of the network input (the resized image, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -89,3 +89,20 @@ class AuxHead(Protocol):
     def from_config(cls, num_classes: int, in_channels: int, cfg: AuxConfig, strides: tuple[int, ...]) -> AuxHead: ...
 
     def __call__(self, inputs: AuxInputs) -> AuxHeadOutput: ...
+
+
+@runtime_checkable
+class DetectingAuxHead(Protocol):
+    """The optional part of the interface: a head that also detects on its own (Co-DETR's Table 11, the released
+    `eval_module`), with its usual post-processing and NMS. Every registered kind has it (ATSS, Faster-RCNN,
+    FCOS, RetinaNet, GFL, PAA); `isinstance(head, DetectingAuxHead)` tells whether a head does.
+
+    test settings: each head keeps its post-processing as attributes (`test_cfg`, a
+        codetr.models.co_detr.heads.detect.PostprocessConfig; Faster-RCNN `rpn_test_cfg` and `rcnn_test_cfg`).
+    detect: maps L x [B, C, H_l, W_l] at the head's strides (the auxiliary maps: the encoder output plus the
+        downsampled level), image_sizes [B, 2] (h, w) each image's valid network-input size -> per image
+        {"scores" [k] float, "labels" [k] int64 contiguous classes, "boxes" [k, 4] xyxy in network-input pixels,
+        clipped to the valid size}, at most the head's max_per_img, without gradients.
+    """
+
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[dict[str, Tensor]]: ...

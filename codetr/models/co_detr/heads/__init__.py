@@ -2,7 +2,8 @@
 
 A head declares the `AuxHead` interface (codetr.models.co_detr.types): its `kind`, its `loss_weights`, a
 `from_config` builder and `forward(AuxInputs) -> AuxHeadOutput`. Adding one is one new file plus one line,
-`register_aux_head(MyHead)`; its kind is then valid in `model.aux.heads`.
+`register_aux_head(MyHead)`; its kind is then valid in `model.aux.heads`. Optionally it also detects on its own
+(`DetectingAuxHead.detect`, for `codetr eval --branch`; shared post-processing in heads/detect.py).
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from codetr.models.co_detr.heads.common import (
     tower_out_channels,
     valid_anchor_masks,
 )
+from codetr.models.co_detr.heads.detect import ATSS_TEST, Detections, PostprocessConfig, dense_detections
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 from codetr.models.losses import sigmoid_focal_loss
 
@@ -94,6 +95,7 @@ class ATSSHead(nn.Module):
         focal_gamma: float = 2.0,
         prior_prob: float = 0.01,
         target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        test_cfg: PostprocessConfig = ATSS_TEST,
     ) -> None:
         super().__init__()
         feat_channels = in_channels if feat_channels is None else feat_channels
@@ -102,6 +104,7 @@ class ATSSHead(nn.Module):
         self.scales = octave_scales(octave_base_scale, scales_per_octave)
         self.ratios = list(ratios)
         self.num_anchors = len(self.scales) * len(self.ratios)
+        self.test_cfg = test_cfg  # `detect`'s post-processing: Co-DETR's released ATSS test_cfg
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0}
@@ -142,6 +145,26 @@ class ATSSHead(nn.Module):
             feature_sizes(maps), self.strides, [float(s) for s in self.strides], self.scales, self.ratios, maps[0].device
         )
         return torch.cat(per_level), [len(a) for a in per_level]
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The head's own detections (mmdet's ATSSHead.predict with `self.test_cfg`), per image.
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w) valid pixels. Every anchor
+        competes (padding included, as mmdet); score = sigmoid(class logit) * sigmoid(centerness), the top
+        nms_pre pairs per level ranked by the class probability alone. Returns per image {"scores" [k],
+        "labels" [k], "boxes" [k, 4] xyxy in network-input pixels, clipped to the valid size}.
+        """
+        logits, deltas, centerness = self.predict(maps)
+        anchors, num_level_anchors = self.anchors(maps)
+        results = []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            def decode(index: Tensor, image: int = image, size_hw: list[int] = size_hw) -> Tensor:
+                return self.coder.decode(anchors[index], deltas[image][index], size_hw)
+
+            results.append(dense_detections(logits[image].float().sigmoid(), num_level_anchors, decode, self.test_cfg,
+                                            centerness[image].float().sigmoid()))
+        return results
 
     def _check(self, inputs: AuxInputs) -> None:
         if list(inputs.strides) != self.strides or len(inputs.maps) != len(self.strides):

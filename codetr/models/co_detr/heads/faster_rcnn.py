@@ -18,9 +18,11 @@ usual 1000 proposals every image has exactly 512 and nothing changes).
 """
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from codetr.config import AuxConfig
+from codetr.models.co_detr.heads.detect import RCNN_TEST, RPN_TEST, Detections, PostprocessConfig
 from codetr.models.co_detr.heads.roi_head import RoIHead
 from codetr.models.co_detr.heads.rpn import RPNHead
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs
@@ -49,8 +51,12 @@ class FasterRCNNHead(nn.Module):
         self, num_classes: int, in_channels: int = 256, num_convs: int = 1,
         rpn_strides: tuple[int, ...] = (8, 16, 32, 64, 128), roi_strides: tuple[int, ...] = (8, 16, 32, 64),
         finest_scale: float = 112.0, fc_channels: int = 1024, num_proposals: int = 1000, nms_pre: int = 4000,
+        rpn_test_cfg: PostprocessConfig = RPN_TEST, rcnn_test_cfg: PostprocessConfig = RCNN_TEST,
     ) -> None:
         super().__init__()
+        # `detect`'s post-processing: Co-DETR's released test_cfg (rpn: 1000 per level, NMS 0.7, 1000 proposals;
+        # rcnn: score_thr 0, NMS 0.5, 100 detections)
+        self.rpn_test_cfg, self.rcnn_test_cfg = rpn_test_cfg, rcnn_test_cfg
         if tuple(roi_strides) != tuple(rpn_strides[: len(roi_strides)]):
             raise ValueError(
                 f"FasterRCNNHead: roi_strides {tuple(roi_strides)} must be the first levels of rpn_strides "
@@ -62,6 +68,15 @@ class FasterRCNNHead(nn.Module):
                            nms_pre=nms_pre, max_proposals=num_proposals)
         self.roi_head = RoIHead(num_classes, in_channels, strides=tuple(roi_strides), finest_scale=finest_scale,
                                 fc_channels=fc_channels)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The branch's own detections (the released eval_module 'two-stage'): test-time RPN proposals, then the
+        RoI head's per-class NMS. maps: 5 x [B, C, H_l, W_l] at strides 8..128; image_sizes [B, 2] (h, w).
+        Returns per image {"scores" [k], "labels" [k], "boxes" [k, 4] xyxy network-input pixels}."""
+        proposals = self.rpn.propose(maps, image_sizes, self.rpn_test_cfg)
+        roi_maps = maps[: len(self.roi_head.strides)]
+        return self.roi_head.detect(roi_maps, proposals, image_sizes, self.rcnn_test_cfg)
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """See `AuxInputs`: 5 maps [B, C, H_l, W_l] at strides 8..128, GT boxes xyxy abs per image."""

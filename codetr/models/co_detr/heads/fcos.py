@@ -41,6 +41,7 @@ from codetr.models.co_detr.heads.common import (
     reduce_mean,
     tower_out_channels,
 )
+from codetr.models.co_detr.heads.detect import FCOS_TEST, Detections, PostprocessConfig, clip_to_image, dense_detections
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 from codetr.models.losses import sigmoid_focal_loss
 
@@ -210,6 +211,7 @@ class FCOSHead(nn.Module):
         focal_gamma: float = 2.0,
         prior_prob: float = 0.01,
         ignore_padding: bool = True,
+        test_cfg: PostprocessConfig = FCOS_TEST,
     ) -> None:
         super().__init__()
         if len(strides) != len(regress_ranges):
@@ -224,6 +226,7 @@ class FCOSHead(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.ignore_padding = ignore_padding
+        self.test_cfg = test_cfg  # `detect`'s post-processing: mmdet's FCOS test_cfg (no Co-DETR release has one)
         self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}
 
         self.cls_tower = conv_tower(in_channels, feat_channels, num_convs)
@@ -261,6 +264,27 @@ class FCOSHead(nn.Module):
             strides.append(torch.full((len(level),), float(stride), device=device))
             ranges.append(level.new_tensor(regress_range).expand(len(level), 2))
         return torch.cat(points), torch.cat(strides), torch.cat(ranges)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The head's own detections (mmdet's FCOSHead.predict with `self.test_cfg`), per image.
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w). Every point competes;
+        score = sigmoid(class logit) * sigmoid(centerness), boxes = point -+ distances x stride, clipped.
+        Returns per image {"scores" [k], "labels" [k], "boxes" [k, 4] xyxy network-input pixels}.
+        """
+        logits, distances, centerness = self.predict(maps)
+        points, strides, _ = self.priors(maps)
+        level_sizes = [int(m.shape[-2] * m.shape[-1]) for m in maps]
+        results = []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            def decode(index: Tensor, image: int = image, size_hw: list[int] = size_hw) -> Tensor:
+                boxes = distances_to_boxes(points[index], distances[image][index] * strides[index, None])
+                return clip_to_image(boxes, size_hw)
+
+            results.append(dense_detections(logits[image].sigmoid(), level_sizes, decode, self.test_cfg,
+                                            centerness[image].sigmoid()))
+        return results
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         if len(inputs.maps) != len(self.strides) or list(inputs.strides) != self.strides:

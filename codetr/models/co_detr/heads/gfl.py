@@ -38,6 +38,7 @@ from codetr.models.co_detr.heads.common import (
     tower_out_channels,
     valid_anchor_masks,
 )
+from codetr.models.co_detr.heads.detect import GFL_TEST, Detections, PostprocessConfig, clip_to_image, dense_detections
 from codetr.models.co_detr.heads.fcos import check_labels, distances_to_boxes
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 
@@ -138,11 +139,13 @@ class GFLHead(nn.Module):
         topk: int = 9,
         qfl_beta: float = 2.0,
         prior_prob: float = 0.01,
+        test_cfg: PostprocessConfig = GFL_TEST,
     ) -> None:
         super().__init__()
         feat_channels = in_channels if feat_channels is None else feat_channels
         self.num_classes = num_classes
         self.strides = list(strides)
+        self.test_cfg = test_cfg  # `detect`'s post-processing: mmdet's GFL test_cfg (no Co-DETR release has one)
         self.anchor_scales = octave_scales(octave_base_scale, 1)
         self.reg_max = reg_max
         self.qfl_beta = qfl_beta
@@ -175,6 +178,26 @@ class GFLHead(nn.Module):
         )
         strides = [torch.full((len(a),), float(s), device=maps[0].device) for a, s in zip(per_level, self.strides)]
         return torch.cat(per_level), [len(a) for a in per_level], torch.cat(strides)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The head's own detections (mmdet's GFLHead.predict with `self.test_cfg`), per image.
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w). Score = sigmoid(class-quality
+        logit); box = anchor centre -+ the distributions' expected distances x stride, clipped. Returns per
+        image {"scores" [k], "labels" [k], "boxes" [k, 4] xyxy network-input pixels}.
+        """
+        logits, distributions = self.predict(maps)
+        anchors, num_level_anchors, strides = self.anchors(maps)
+        centres = 0.5 * (anchors[:, :2] + anchors[:, 2:])
+        results = []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            def decode(index: Tensor, image: int = image, size_hw: list[int] = size_hw) -> Tensor:
+                distances = integral_distances(distributions[image][index], self.reg_max) * strides[index, None]
+                return clip_to_image(distances_to_boxes(centres[index], distances), size_hw)
+
+            results.append(dense_detections(logits[image].sigmoid(), num_level_anchors, decode, self.test_cfg))
+        return results
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """Predict, assign (ATSS) and compute the raw losses {"loss_cls", "loss_bbox", "loss_dfl"}.

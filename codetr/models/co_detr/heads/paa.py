@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from codetr.box_ops import box_area, elementwise_generalized_box_iou
+from codetr.box_ops import box_area, box_iou, elementwise_generalized_box_iou
 from codetr.models.co_detr.assigners import NEGATIVE, MaxIoUAssigner
 from codetr.models.co_detr.heads.atss import ATSSHead
 from codetr.models.co_detr.heads.common import (
@@ -39,12 +39,15 @@ from codetr.models.co_detr.heads.common import (
     one_hot_labels,
     valid_anchor_masks,
 )
+from codetr.models.co_detr.heads.detect import PAA_TEST, Detections, PostprocessConfig, multiclass_detections
 from codetr.models.co_detr.heads.fcos import check_labels
 from codetr.models.co_detr.heads.gmm import fit_gaussian_mixture_1d
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 from codetr.models.losses import sigmoid_focal_loss
 
 IOU_WEIGHT_MIN = 1e-12  # mmdet's EPS on the IoU weights of the box loss
+VOTING_SIGMA = 0.025  # score voting: a candidate's weight is exp(-(1 - IoU)^2 / sigma) x its score (mmdet's value)
+VOTING_MIN_IOU = 0.01  # candidates overlapping a detection by IoU <= this do not vote for it
 
 
 def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -128,6 +131,47 @@ def paa_reassign(gt_inds: Tensor, scores: Tensor, num_level_anchors: list[int], 
     return result
 
 
+def top_priors_per_level(prior_scores: Tensor, level_sizes: list[int], nms_pre: int) -> Tensor:
+    """Index [n] (into M) of the nms_pre best priors of every level by prior_scores [M] (levels concatenated,
+    level_sizes[l] each); a level with at most nms_pre priors (or nms_pre <= 0) keeps them all."""
+    kept, start = [], 0
+    for level in prior_scores.split(level_sizes):
+        index = torch.arange(len(level), device=level.device)
+        if 0 < nms_pre < len(level):
+            index = level.topk(nms_pre).indices
+        kept.append(index + start)
+        start += len(level)
+    return torch.cat(kept)
+
+
+def score_voting(detections: Detections, boxes_xyxy_abs: Tensor, class_scores: Tensor, score_thr: float) -> Detections:
+    """PAA's score voting (mmdet's PAAHead.score_voting): each detection's box becomes the average of the boxes
+    of its class scoring above score_thr that overlap it by IoU > 0.01, weighted by exp(-(1 - IoU)^2 / 0.025)
+    x their score; its score stays. detections after NMS; boxes [n, 4] / class_scores [n, K] every candidate
+    before NMS. Output ordered by class, then as the input within a class (mmdet's order). A detection
+    without any voter (a zero-area box) keeps its own box, where mmdet's becomes NaN.
+    """
+    voted_boxes, voted_scores, voted_labels = [], [], []
+    for cls in range(class_scores.shape[1]):
+        mine = detections["labels"] == cls
+        candidates = class_scores[:, cls] > score_thr
+        if not mine.any() or not candidates.any():
+            continue
+        candidate_boxes, candidate_scores = boxes_xyxy_abs[candidates], class_scores[candidates, cls]
+        iou = box_iou(detections["boxes"][mine], candidate_boxes)[0]  # [D, C]
+        weights = torch.exp(-(1 - iou) ** 2 / VOTING_SIGMA) * candidate_scores * (iou > VOTING_MIN_IOU)
+        total = weights.sum(1, keepdim=True)
+        # a degenerate (zero-area) detection overlaps nothing, itself included: it keeps its box (mmdet's is NaN)
+        voted = torch.where(total > 0, weights @ candidate_boxes / total.clamp(min=torch.finfo(total.dtype).tiny),
+                            detections["boxes"][mine])
+        voted_boxes.append(voted)
+        voted_scores.append(detections["scores"][mine])
+        voted_labels.append(detections["labels"][mine])
+    if not voted_boxes:
+        return detections
+    return {"scores": torch.cat(voted_scores), "labels": torch.cat(voted_labels), "boxes": torch.cat(voted_boxes)}
+
+
 class PAAHead(ATSSHead):
     """PAA head on the auxiliary feature maps: forward(AuxInputs) -> raw losses + candidates.
 
@@ -158,6 +202,8 @@ class PAAHead(ATSSHead):
         target_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
         score_cls_weight: float = 1.0,
         score_bbox_weight: float = 1.3,
+        test_cfg: PostprocessConfig = PAA_TEST,
+        with_score_voting: bool = True,
     ) -> None:
         if topk < 1:
             raise ValueError(f"PAAHead: topk must be >= 1, got {topk}")
@@ -169,6 +215,10 @@ class PAAHead(ATSSHead):
         # PAA's pre-assignment replaces ATSS's assigner
         self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou)
         self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 1.3, "loss_iou": 0.5}
+        # `detect`'s post-processing: mmdet's PAA test_cfg (no Co-DETR release has one; PAAHead ignores its
+        # min_bbox_size) and mmdet PAAHead's score voting
+        self.test_cfg = test_cfg
+        self.with_score_voting = with_score_voting
 
     @torch.no_grad()
     def anchor_scores(self, anchors: Tensor, logits: Tensor, deltas: Tensor, labels: Tensor,
@@ -193,6 +243,27 @@ class PAAHead(ATSSHead):
             scores[pos] = self.anchor_scores(anchors[pos], logits[pos], deltas[pos], gt_labels[matched].long(),
                                              gt_boxes[matched])
         return paa_reassign(pre.gt_inds, scores, num_level_anchors, self.topk)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The head's own detections (mmdet's PAAHead.predict with `self.test_cfg`), per image.
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w). Score of (anchor, class) =
+        sqrt(sigmoid(class logit) x sigmoid(IoU logit)); per level the nms_pre anchors with the best score over
+        classes keep all their classes; boxes decoded and clipped; pairs above score_thr go through per-class
+        NMS, the best max_per_img stay, then score voting (ordered by class). Returns per image {"scores" [k],
+        "labels" [k], "boxes" [k, 4] xyxy network-input pixels}.
+        """
+        logits, deltas, iou_logits = self.predict(maps)
+        anchors, num_level_anchors = self.anchors(maps)
+        cfg, results = self.test_cfg, []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            scores = (logits[image].float().sigmoid() * iou_logits[image].float().sigmoid()[:, None]).sqrt()  # [M, K]
+            index = top_priors_per_level(scores.max(-1).values, num_level_anchors, cfg.nms_pre)
+            boxes, scores = self.coder.decode(anchors[index], deltas[image][index], size_hw), scores[index]
+            pairs = multiclass_detections(boxes, scores, cfg)
+            results.append(score_voting(pairs, boxes, scores, cfg.score_thr) if self.with_score_voting else pairs)
+        return results
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """Predict, assign (PAA) and compute the raw losses {"loss_cls", "loss_bbox", "loss_iou"}.
@@ -258,4 +329,4 @@ class PAAHead(ATSSHead):
         return AuxHeadOutput(losses=losses, candidates=candidates)
 
 
-__all__ = ["PAAHead", "paa_reassign", "paired_iou", "select_candidates"]
+__all__ = ["PAAHead", "paa_reassign", "paired_iou", "score_voting", "select_candidates", "top_priors_per_level"]

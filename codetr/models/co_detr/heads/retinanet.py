@@ -33,6 +33,7 @@ from codetr.models.co_detr.heads.common import (
     tower_out_channels,
     valid_anchor_masks,
 )
+from codetr.models.co_detr.heads.detect import RETINANET_TEST, Detections, PostprocessConfig, dense_detections
 from codetr.models.co_detr.types import AuxHeadOutput, AuxInputs, Candidates
 from codetr.models.losses import sigmoid_focal_loss
 
@@ -73,6 +74,7 @@ class RetinaNetHead(nn.Module):
         prior_prob: float = 0.01,
         target_stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
         ignored_as_candidates: bool = False,
+        test_cfg: PostprocessConfig = RETINANET_TEST,
     ) -> None:
         super().__init__()
         feat_channels = in_channels if feat_channels is None else feat_channels
@@ -84,6 +86,7 @@ class RetinaNetHead(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.ignored_as_candidates = ignored_as_candidates
+        self.test_cfg = test_cfg  # `detect`'s post-processing: mmdet's RetinaNet test_cfg (no Co-DETR release has one)
         self.loss_weights = {"loss_cls": 1.0, "loss_bbox": 2.0}
 
         self.cls_tower = conv_tower(in_channels, feat_channels, num_convs)
@@ -110,6 +113,25 @@ class RetinaNetHead(nn.Module):
             feature_sizes(maps), self.strides, [float(s) for s in self.strides], self.scales, self.ratios, maps[0].device
         )
         return torch.cat(per_level)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        """The head's own detections (mmdet's RetinaHead.predict with `self.test_cfg`), per image.
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w). Every anchor competes;
+        score = sigmoid(class logit). Returns per image {"scores" [k], "labels" [k], "boxes" [k, 4] xyxy
+        network-input pixels, clipped to the valid size}.
+        """
+        logits, deltas = self.predict(maps)
+        anchors = self.anchors(maps)
+        level_sizes = [int(m.shape[-2] * m.shape[-1]) * self.num_anchors for m in maps]
+        results = []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            def decode(index: Tensor, image: int = image, size_hw: list[int] = size_hw) -> Tensor:
+                return self.coder.decode(anchors[index], deltas[image][index], size_hw)
+
+            results.append(dense_detections(logits[image].float().sigmoid(), level_sizes, decode, self.test_cfg))
+        return results
 
     def forward(self, inputs: AuxInputs) -> AuxHeadOutput:
         """Predict, assign (max IoU) and compute the raw losses {"loss_cls", "loss_bbox"}.

@@ -24,6 +24,9 @@ from codetr.models.co_detr.roi_align import roi_align
 from codetr.box_ops import elementwise_generalized_box_iou
 from codetr.models.co_detr.assigners import MaxIoUAssigner, RandomSampler
 from codetr.models.co_detr.box_coder import DeltaXYWHCoder
+from codetr.models.co_detr.heads.detect import (
+    RCNN_TEST, Detections, PostprocessConfig, empty_detections, multiclass_detections,
+)
 from codetr.models.co_detr.types import Candidates
 
 
@@ -172,6 +175,32 @@ class RoIHead(nn.Module):
                                        gt_max_assign_all=True)
         self.sampler = RandomSampler(num_samples, pos_fraction, neg_pos_ub=-1,
                                      add_gt_as_proposals=add_gt_as_proposals)
+
+    @torch.no_grad()
+    def detect(self, maps: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
+               cfg: PostprocessConfig = RCNN_TEST) -> list[Detections]:
+        """Test-time detections (mmdet's StandardRoIHead.predict; Co-DETR's released test_cfg.rcnn by default).
+
+        maps: L x [B, C, H_l, W_l] at `self.strides`; proposals: per image [P_i, 4] xyxy abs; image_sizes
+        [B, 2] (h, w). Each proposal gives every class its softmax probability and its class-specific box,
+        clipped to the image; pairs above score_thr go through per-class NMS and the best max_per_img stay.
+        """
+        counts = [len(p) for p in proposals]
+        if sum(counts) == 0:
+            return [empty_detections(maps[0].device) for _ in proposals]
+        boxes = torch.cat(proposals).float()
+        image_index = torch.cat([torch.full((n,), i, dtype=boxes.dtype, device=boxes.device) for i, n in enumerate(counts)])
+        rois = torch.cat((image_index[:, None], boxes), 1)  # [P, 5]
+        roi_feats = multilevel_roi_align(maps, rois, self.strides, self.roi_size, self.finest_scale)
+        cls_logits, deltas = self.bbox_head(roi_feats)
+        results = []
+        k = self.num_classes
+        for image_boxes, logits, image_deltas, size_hw in zip(boxes.split(counts), cls_logits.float().split(counts),
+                                                               deltas.float().split(counts), image_sizes.tolist()):
+            scores = logits.softmax(-1)[:, :k]  # [P_i, K], background dropped
+            decoded = self.coder.decode(image_boxes.repeat_interleave(k, 0), image_deltas.reshape(-1, 4), size_hw)
+            results.append(multiclass_detections(decoded.view(-1, k, 4), scores, cfg))
+        return results
 
     def forward(
         self, maps: list[Tensor], proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor],

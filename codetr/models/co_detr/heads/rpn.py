@@ -22,6 +22,7 @@ from torchvision.ops import batched_nms
 from codetr.models.co_detr.anchors import anchor_centre_valid, base_anchors, grid_anchors, octave_scales
 from codetr.models.co_detr.assigners import MaxIoUAssigner, RandomSampler
 from codetr.models.co_detr.box_coder import DeltaXYWHCoder
+from codetr.models.co_detr.heads.detect import RPN_TEST, PostprocessConfig
 
 
 @dataclass
@@ -189,6 +190,21 @@ class RPNHead(nn.Module):
             logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(batch, -1))
             deltas.append(self.deltas(x).permute(0, 2, 3, 1).reshape(batch, -1, 4))
         return logits, deltas
+
+    @torch.no_grad()
+    def propose(self, maps: list[Tensor], image_sizes: Tensor, cfg: PostprocessConfig = RPN_TEST) -> list[Tensor]:
+        """Test-time proposals (mmdet's RPNHead.predict with Co-DETR's released test_cfg.rpn by default: the top
+        1000 anchors per level, NMS 0.7 within each level, 1000 per image): per image [P_i, 4] xyxy abs, clipped
+        to its valid size (h, w) of image_sizes [B, 2], sorted by objectness."""
+        logits, deltas = self.predict(maps)
+        anchors = self.anchors(maps)
+        proposals = []
+        for image, size_hw in enumerate(image_sizes.tolist()):
+            boxes, _ = proposals_single([x[image] for x in logits], [x[image] for x in deltas], anchors,
+                                        tuple(size_hw), self.coder, cfg.nms_pre, cfg.nms_iou, cfg.max_per_img,
+                                        cfg.min_box_size)
+            proposals.append(boxes)
+        return proposals
 
     def forward(self, maps: list[Tensor], image_sizes: Tensor, gt_boxes: list[Tensor]) -> RPNOutput:
         """maps: L x [B, C, H_l, W_l] at `self.strides`; image_sizes [B, 2] (h, w) valid pixels;
