@@ -478,10 +478,11 @@ def profile_command(
     memory = "CUDA max allocated" if run_device.type == "cuda" else "process peak RSS"
     table = Table(title=f"training iteration: {size_hw[0]}x{size_hw[1]} x {batch_size} images on {run_device}, "
                         f"median of {iters}; peak MB = {memory}")
-    for name in ("config", "K", "heads", "s/iter", "x baseline", "peak MB", "params M"):
-        table.add_column(name, justify="left" if name in ("config", "heads") else "right", no_wrap=name != "heads")
+    for name in ("config", "method", "s/iter", "x baseline", "peak MB", "params M"):
+        table.add_column(name, justify="left" if name in ("config", "method") else "right", no_wrap=name != "method")
     for row in rows:
-        table.add_row(row.config, str(row.k), row.heads, f"{row.seconds_per_iter:.3f}", f"{row.x_baseline:.2f}",
+        method = f"{row.method} {row.heads}" if row.k else row.method  # Co-DETR: its K heads, e.g. atss+faster_rcnn
+        table.add_row(row.config, method, f"{row.seconds_per_iter:.3f}", f"{row.x_baseline:.2f}",
                       f"{row.peak_mb:.0f}", f"{row.params_m:.1f}")
     Console().print(table)
     if out is not None:
