@@ -67,25 +67,16 @@ def test_block_masks_equal_hand_built_masks():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_pp"])
-def test_group_detr_with_one_group_is_exactly_the_baseline(preset):
+@pytest.mark.parametrize("degenerate", [("model.method=group_detr", "model.group.num_groups=1"),
+                                        ("model.method=h_detr", "model.hybrid.num_queries=0")],
+                         ids=["group_detr_one_group", "h_detr_no_one_to_many"])
+def test_degenerate_methods_are_exactly_the_baseline(preset, degenerate):
     base_model, base_out, base_losses, base_criterion = model_and_losses(small_cfg(preset))
-    cfg = small_cfg(preset, "model.method=group_detr", "model.group.num_groups=1")
-    model, out, losses, criterion = model_and_losses(cfg)
+    model, out, losses, criterion = model_and_losses(small_cfg(preset, *degenerate))
     assert all(torch.equal(a, b) for a, b in zip(base_model.state_dict().values(), model.state_dict().values()))
-    assert out.extra_queries is None and torch.equal(out.pred_logits, base_out.pred_logits)
+    assert out.extra_queries is None
+    assert torch.equal(out.pred_logits, base_out.pred_logits) and torch.equal(out.pred_boxes, base_out.pred_boxes)
     assert losses.keys() == base_losses.keys()
-    total, _ = weighted_total(losses, criterion.weights)
-    base_total, _ = weighted_total(base_losses, base_criterion.weights)
-    assert torch.equal(total, base_total)
-
-
-@pytest.mark.parametrize("preset", ["tiny", "tiny_pp"])
-def test_h_detr_without_one_to_many_queries_is_exactly_the_baseline(preset):
-    base_model, base_out, base_losses, base_criterion = model_and_losses(small_cfg(preset))
-    cfg = small_cfg(preset, "model.method=h_detr", "model.hybrid.num_queries=0")
-    model, out, losses, criterion = model_and_losses(cfg)
-    assert all(torch.equal(a, b) for a, b in zip(base_model.state_dict().values(), model.state_dict().values()))
-    assert out.extra_queries is None and torch.equal(out.pred_boxes, base_out.pred_boxes)
     total, _ = weighted_total(losses, criterion.weights)
     base_total, _ = weighted_total(base_losses, base_criterion.weights)
     assert torch.equal(total, base_total)
