@@ -497,6 +497,7 @@ def instability_command(
     ckpt: List[Path] = typer.Option([], "--ckpt", help="A checkpoint of one run; repeat, in epoch order (at least 2)."),
     run: List[Path] = typer.Option([], "--run", help="A training run folder: its epoch_XXX.pt in epoch order, named by the folder; repeatable."),
     label: Optional[str] = typer.Option(None, "--label", help="Name of the --ckpt run (default: its folder's name)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="A `codetr ablate` folder: one run per finished point (seed 0), labelled by the point, e.g. method=h_detr (train it with --set train.keep_epoch_checkpoints=true)."),
     data: Optional[Path] = typer.Option(None, "--data", help="COCO 2017-layout folder for every run; default: each run's own data."),
     split: str = typer.Option("val", "--split", help="train or val (always with the test transforms)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="The first N images of the split (default: all)."),
@@ -509,7 +510,15 @@ def instability_command(
     from analysis.instability import instability_table, resolve_runs, run_instability, write_instability
     from codetr.engine.distributed import init_distributed
 
-    runs = resolve_runs(ckpt, label, run)
+    grid_runs = []
+    if grid is not None:
+        from experiments.store import finished_checkpoints
+
+        found, unfinished = finished_checkpoints(grid)
+        grid_runs = [(point, checkpoint.parent) for point, checkpoint in found]
+        if unfinished:
+            console.print(f"skipped unfinished points: {', '.join(unfinished)}", highlight=False)
+    runs = resolve_runs(ckpt, label, run, grid_runs)
     frame = run_instability(runs, data, split, max_images, layer, init_distributed(device).device, use_ema=ema)
     settings = {"split": split, "max_images": max_images, "layer": layer, "ema": ema, "data": data,
                 "runs": {r.label: [str(p) for p in r.checkpoints] for r in runs}}

@@ -272,20 +272,23 @@ class RunSpec:
     checkpoints: tuple[Path, ...]
 
 
-def run_from_folder(folder: Path) -> RunSpec:
-    """A training run folder's epoch_XXX.pt files in epoch order, labelled by the folder's name."""
+def run_from_folder(folder: Path, label: str | None = None) -> RunSpec:
+    """A training run folder's epoch_XXX.pt files in epoch order, labelled `label` (default: the folder's name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"--run {folder}: not a folder")
     numbered = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name)) and p.is_file())
     if not numbered:
-        raise ConfigError(f"--run {folder}: no epoch_XXX.pt checkpoints (train with train.keep_epoch_checkpoints=true)")
-    return RunSpec(folder.resolve().name, tuple(p for _, p in numbered))
+        raise ConfigError(f"--run {folder}: no epoch_XXX.pt checkpoints (train with train.keep_epoch_checkpoints=true; "
+                          "for a grid: codetr ablate ... --set train.keep_epoch_checkpoints=true)")
+    return RunSpec(label or folder.resolve().name, tuple(p for _, p in numbered))
 
 
-def resolve_runs(ckpts: Sequence[Path], label: str | None, run_dirs: Sequence[Path]) -> list[RunSpec]:
+def resolve_runs(ckpts: Sequence[Path], label: str | None, run_dirs: Sequence[Path],
+                 labelled_run_dirs: Sequence[tuple[str, Path]] = ()) -> list[RunSpec]:
     """The runs of `codetr instability`: --ckpt files (one run, in the given order, named `label`, default
-    their folder's name) and each --run folder. Checks each run has >= 2 existing, distinct checkpoints."""
+    their folder's name), each --run folder, and (label, folder) pairs (a grid's points, e.g. "method=h_detr").
+    Checks each run has >= 2 existing, distinct checkpoints."""
     if label is not None and not ckpts:
         raise ConfigError("--label names the --ckpt run: give its checkpoints with --ckpt")
     runs = []
@@ -293,8 +296,9 @@ def resolve_runs(ckpts: Sequence[Path], label: str | None, run_dirs: Sequence[Pa
         parents = {Path(p).resolve().parent.name for p in ckpts}
         runs.append(RunSpec(label or (parents.pop() if len(parents) == 1 else "ckpt"), tuple(Path(p) for p in ckpts)))
     runs += [run_from_folder(folder) for folder in run_dirs]
+    runs += [run_from_folder(folder, name) for name, folder in labelled_run_dirs]
     if not runs:
-        raise ConfigError("no checkpoints: give --ckpt (two or more, in epoch order) or --run DIR")
+        raise ConfigError("no checkpoints: give --ckpt (two or more, in epoch order), --run DIR or --grid DIR")
     labels = [run.label for run in runs]
     if len(set(labels)) != len(labels):
         twice = next(name for name in labels if labels.count(name) > 1)

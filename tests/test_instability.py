@@ -117,6 +117,8 @@ def test_runs_from_folders_and_bad_run_specs(tmp_path):
         (run / name).write_bytes(b"")
     runs = resolve_runs([], None, [run])
     assert runs == [RunSpec("co", tuple(run / f"epoch_{n:03d}.pt" for n in (2, 9, 10)))]  # numeric order
+    grid_point = resolve_runs([], None, [], [("method=h_detr", run)])  # `--grid`: labelled by the point
+    assert grid_point == [RunSpec("method=h_detr", runs[0].checkpoints)]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no epoch_XXX.pt"):
         resolve_runs([], None, [tmp_path / "empty"])
