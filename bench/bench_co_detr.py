@@ -18,13 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codetr.config import AUX_HEAD_KINDS
+from codetr.models.co_detr.heads import AUX_HEADS
 
 CONFIGS = {
     "K=0 (baseline)": [],
     "K=1 ATSS": ["atss"],
     "K=2 ATSS+Faster-RCNN": ["atss", "faster_rcnn"],
-    f"K={len(AUX_HEAD_KINDS)} all": list(AUX_HEAD_KINDS),
+    f"K={len(tuple(AUX_HEADS))} all": list(tuple(AUX_HEADS)),
 }
 
 

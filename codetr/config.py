@@ -74,7 +74,8 @@ class DenoisingConfig:
     box_noise: float = 1.0  # corners move by up to box_noise * (w, h) / 2: positives within, negatives beyond
 
 
-# The heads codetr ships (codetr/models/co_detr/heads/); model.aux.heads takes any registered kind (register_aux_head).
+# The heads codetr ships (codetr/models/co_detr/heads/AUX_HEADS, which also holds any head registered with
+# register_aux_head: model.aux.heads takes every registered kind, see aux_head_kinds()).
 AUX_HEAD_KINDS = ("atss", "faster_rcnn", "fcos", "retinanet", "gfl", "paa")
 
 
@@ -110,11 +111,11 @@ ARCHITECTURES = ("deformable_detr", "dino")
 
 # How positives are added to the one-to-one detector in training (inference is always the one-to-one head):
 #   deformable_detr  none: the one-to-one baseline alone (of model.architecture: Deformable-DETR or DINO)
-#   h_detr           H-Deformable-DETR's hybrid matching (model.hybrid, codetr/models/methods/hybrid_matching.py)
-#   group_detr       Group-DETR's query groups (model.group, codetr/models/methods/group_detr.py)
 #   co_detr          Co-DETR's collaborative auxiliary heads (model.aux, codetr/models/co_detr/)
 #   auto             co_detr when model.aux.heads is set, else deformable_detr (every preset before the switch)
-METHODS = ("auto", "deformable_detr", "h_detr", "group_detr", "co_detr")
+# and every query method of codetr/models/methods/ (QUERY_METHODS): h_detr (H-Deformable-DETR's hybrid matching,
+# model.hybrid), group_detr (Group-DETR's query groups, model.group). `method_names()` lists them all.
+BUILT_IN_METHODS = ("auto", "deformable_detr", "co_detr")
 
 
 @dataclass
@@ -149,7 +150,7 @@ class ModelConfig:
     # "deformable_detr" (plain or ++, the switches below) or "dino" (DINO: denoising queries, query selection
     # by the best class score, the reference-point head; always two-stage with refinement)
     architecture: str = "deformable_detr"
-    method: str = "auto"  # METHODS: deformable_detr (one-to-one only), h_detr, group_detr, co_detr, auto
+    method: str = "auto"  # method_names(): deformable_detr (one-to-one only), h_detr, group_detr, co_detr, auto
     num_classes: int = 0  # 0: take the number of categories from the training dataset
     num_queries: int = 300
     # Deformable-DETR's own switches, independent of each other. Both off is the paper's "Deformable-DETR"
@@ -232,8 +233,18 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """A short stable hash of every value (used to name and check runs)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short stable hash of every value that matters (used to name and check runs). The method switch's
+        settings count only where they are used (model.method unless "auto", model.hybrid for h_detr, model.group
+        for group_detr), so every config from before the switch keeps its hash and its grid folders resume."""
+        values = self.to_dict()
+        model = values["model"]
+        method = resolved_method(self.model)
+        if model["method"] == "auto":
+            del model["method"]
+        for section, user in (("hybrid", "h_detr"), ("group", "group_detr")):
+            if method != user:
+                del model[section]
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
@@ -428,17 +439,31 @@ def aux_head_kinds() -> tuple[str, ...]:
     return tuple(AUX_HEADS)
 
 
+def method_names() -> tuple[str, ...]:
+    """Every valid model.method: the built-in ones and the query methods (codetr.models.methods.QUERY_METHODS)."""
+    from codetr.models.methods import QUERY_METHODS
+
+    auto, baseline, collaborative = BUILT_IN_METHODS  # listed in the paper's comparison order, Co-DETR last
+    return (auto, baseline, *QUERY_METHODS, collaborative)
+
+
 def method_checks(model: ModelConfig) -> list[tuple[bool, str, str]]:
     """The method switch's consistency with the auxiliary heads and the architecture, and its own ranges."""
+    from codetr.models.methods import QUERY_METHODS
+
     method = resolved_method(model)
+    query_method = QUERY_METHODS.get(method)
     return [
-        (model.method in METHODS, "model.method", " or ".join(METHODS)),
+        (model.method in method_names(), "model.method", " or ".join(method_names())),
         (method != "co_detr" or bool(model.aux.heads), "model.aux.heads",
          "at least one head with model.method=co_detr, e.g. [atss]"),
         (method == "co_detr" or not model.aux.heads, "model.aux.heads",
          f"[] with model.method={method} (auxiliary heads are Co-DETR's: set model.method=co_detr)"),
-        (method not in ("h_detr", "group_detr") or model.architecture == "deformable_detr", "model.method",
-         "deformable_detr or co_detr with model.architecture=dino (H-DETR and Group-DETR are built on Deformable-DETR)"),
+        (query_method is None or model.architecture in query_method.architectures, "model.method",
+         f"deformable_detr or co_detr with model.architecture={model.architecture} ({method} is built on "
+         f"{' or '.join(query_method.architectures) if query_method else ''})"),
+        (method != "group_detr" or not model.two_stage or model.mixed_selection, "model.mixed_selection",
+         "true with model.method=group_detr on a two-stage model (without it the groups start as identical copies)"),
         (model.hybrid.num_queries >= 0, "model.hybrid.num_queries", ">= 0"),
         (model.hybrid.repeats >= 1, "model.hybrid.repeats", ">= 1"),
         (model.hybrid.weight >= 0, "model.hybrid.weight", ">= 0"),

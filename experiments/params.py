@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import difflib
 
-from codetr.config import METHODS, Config, apply_overrides, epochs_overrides, scaled_lr_drops, valid_keys
+from codetr.config import Config, method_names, apply_overrides, epochs_overrides, scaled_lr_drops, valid_keys
 from codetr.errors import ConfigError
 
 SHORT_NAMES: dict[str, str] = {
@@ -41,7 +41,6 @@ NO_HEADS = ("none", "0", "[]", "")
 
 # The `method` parameter's values ("auto" is left to the dotted key: on a grid it would mean "whatever the
 # heads say") and the heads co_detr gets on a base without any: K = 1 (ATSS), the paper's comparison.
-GRID_METHODS = tuple(m for m in METHODS if m != "auto")
 DEFAULT_CO_DETR_HEADS = ("atss",)
 
 
@@ -78,8 +77,9 @@ def method_overrides(value: str, point: dict[str, str], cfg: Config) -> list[str
 
     e.g. ('h_detr', {'method': 'h_detr'}, co_tiny) -> ['model.method=h_detr', 'model.aux.heads=[]']."""
     method = str(value).strip()
-    if method not in GRID_METHODS:
-        raise ConfigError(f"method={method!r}: expected one of {', '.join(GRID_METHODS)}")
+    grid_methods = [m for m in method_names() if m != "auto"]
+    if method not in grid_methods:
+        raise ConfigError(f"method={method!r}: expected one of {', '.join(grid_methods)}")
     overrides = [f"model.method={method}"]
     if any(config_key(name, cfg) == "model.aux.heads" for name in point):
         return overrides

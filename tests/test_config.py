@@ -103,3 +103,19 @@ def test_round_trip_through_dict():
 def test_valid_keys_cover_every_leaf():
     keys = valid_keys(Config())
     assert "model.transformer.num_points" in keys and "optim.lr" in keys and "model" not in keys
+
+
+@pytest.mark.parametrize("preset, recorded", [
+    ("tiny", "4643a12ce462"), ("co_tiny", "8b49d10f1387"), ("co_dino_tiny", "4248136cfbf8"),
+    ("deformable_detr_r50_1x", "60ff51a16869"), ("co_deformable_detr_r50_1x", "c1a1260b2e51"),
+])
+def test_config_hashes_are_unchanged_by_the_method_switch(preset, recorded):
+    """Hashes recorded at 45471ef, before model.method / hybrid / group existed: grid folders made then resume.
+    The method's settings enter the hash only where they are used."""
+    cfg = get_preset(preset)
+    assert cfg.hash() == recorded
+    assert apply_overrides(cfg, ["model.group.num_groups=5"]).hash() == recorded  # unused by this method
+    if not cfg.model.aux.heads:
+        h_detr = apply_overrides(cfg, ["model.method=h_detr"])
+        assert h_detr.hash() != recorded
+        assert apply_overrides(h_detr, ["model.hybrid.repeats=2"]).hash() != h_detr.hash()

@@ -83,9 +83,17 @@ def test_degenerate_methods_are_exactly_the_baseline(preset, degenerate):
 
 
 def query_rows(model):
-    """The learned rows that make each query (plain: query_embed; mixed selection: the content queries)."""
+    """The learned rows that make each query: the one-to-one rows (plain: query_embed; mixed selection: the content
+    queries), then the training-only `extra_queries`."""
     transformer = model.transformer
-    return transformer.content_queries.weight if transformer.two_stage else transformer.query_embed.weight
+    one_to_one = transformer.content_queries if transformer.two_stage else transformer.query_embed
+    return one_to_one.weight, transformer.extra_queries.weight
+
+
+def row_gradients(loss, model):
+    """d loss / d every learned query row, [Q + extra, width] (zeros where the loss does not reach)."""
+    grads = torch.autograd.grad(loss, query_rows(model), retain_graph=True, allow_unused=True)
+    return torch.cat([torch.zeros_like(r) if g is None else g for g, r in zip(grads, query_rows(model))])
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_pp"])
@@ -96,16 +104,13 @@ def test_a_query_gets_zero_gradient_from_another_blocks_loss(preset, method):
     model, out, losses, criterion = model_and_losses(cfg)
     extra_loss = sum(v for k, v in losses.items() if k.startswith(("grp.", "o2m.")))
     one_to_one_loss = sum(v for k, v in losses.items() if k.startswith("dec."))
-    rows = query_rows(model)
-    (grad_extra,) = torch.autograd.grad(extra_loss, rows, retain_graph=True)
-    (grad_one,) = torch.autograd.grad(one_to_one_loss, rows, retain_graph=True)
+    grad_extra, grad_one = row_gradients(extra_loss, model), row_gradients(one_to_one_loss, model)
     assert grad_extra[:Q].abs().max() == 0  # the one-to-one queries are untouched by the other blocks' loss
     assert grad_one[Q:].abs().max() == 0  # and the extra queries by the one-to-one loss
     assert grad_extra[Q:].abs().max() > 0 and grad_one[:Q].abs().max() > 0  # each trains its own
     if method == "group_detr":  # group 1 and group 2 are isolated from each other too
         group1_only = QuerySetOutput([(lg[:, :Q], bx[:, :Q]) for lg, bx in out.extra_queries.layers], "grp")
-        group1 = sum(criterion.query_set_losses(group1_only, batch()[2]).values())
-        (grad_group1,) = torch.autograd.grad(group1, rows)
+        grad_group1 = row_gradients(sum(criterion.query_set_losses(group1_only, batch()[2]).values()), model)
         assert grad_group1[2 * Q:].abs().max() == 0 and grad_group1[Q:2 * Q].abs().max() > 0
 
 
@@ -117,8 +122,40 @@ def test_without_the_mask_the_blocks_would_interact(monkeypatch):
     cfg = small_cfg("tiny", "model.method=group_detr", "model.group.num_groups=2")
     model, _, losses, _ = model_and_losses(cfg)
     extra_loss = sum(v for k, v in losses.items() if k.startswith("grp."))
-    (grad,) = torch.autograd.grad(extra_loss, query_rows(model))
-    assert grad[:Q].abs().max() > 0
+    assert row_gradients(extra_loss, model)[:Q].abs().max() > 0
+
+
+def test_the_one_to_one_parameters_equal_the_baseline_for_the_same_seed():
+    """The extra query rows are made last: every baseline parameter starts as the baseline's (paired seeds)."""
+    for preset in ("tiny", "tiny_pp"):
+        torch.manual_seed(0)
+        base = build_detector(small_cfg(preset).model, num_classes=2).state_dict()
+        for method in ("h_detr", "group_detr"):
+            torch.manual_seed(0)
+            model = build_detector(small_cfg(preset, f"model.method={method}").model, num_classes=2).state_dict()
+            assert set(model) - set(base) == {"transformer.extra_queries.weight"}
+            assert all(torch.equal(model[key], value) for key, value in base.items())
+
+
+def test_group_detr_needs_mixed_selection_on_two_stage_models():
+    with pytest.raises(ConfigError, match="model.mixed_selection"):
+        apply_overrides(get_preset("tiny_pp"), ["model.method=group_detr", "model.mixed_selection=false"])
+
+
+def test_deployed_h_detr_is_the_baseline(tmp_path):
+    """Inference loads the one-to-one detector alone: the extra query rows are training-only parameters."""
+    from codetr.engine.checkpoint import save_checkpoint
+    from codetr.engine.inference import load_detector
+
+    cfg = small_cfg("tiny_pp", "model.method=h_detr", "model.hybrid.num_queries=12")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, num_classes=2)
+    path = tmp_path / "h.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict(), "num_classes": 2, "cat_ids": [1, 2],
+                           "class_names": ["a", "b"], "position": {"epoch": 1}})
+    deployed = load_detector(path).model
+    assert deployed.query_method is None and deployed.transformer.extra_queries is None
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in deployed.state_dict().items())
 
 
 def test_one_to_one_outputs_are_unchanged_by_the_extra_queries():

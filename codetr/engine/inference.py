@@ -13,7 +13,7 @@ from codetr.data.transforms import make_lsj_transforms, make_test_transforms
 from codetr.convert import load_any_checkpoint
 from codetr.engine.checkpoint import load_model_state
 from codetr.errors import DataError
-from codetr.models.detector import DeformableDETR, build_detector
+from codetr.models.detector import TRAINING_ONLY_PREFIXES, DeformableDETR, build_detector
 
 
 @dataclass
@@ -29,9 +29,9 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
                   deploy: bool = True) -> LoadedDetector:
     """Rebuild the model a checkpoint was trained with and load its weights (EMA weights if present).
 
-    deploy=True builds the one-to-one detector alone: Co-DETR's training-only branches (`aux.*`) are
-    left out, so the deployed model has the baseline's parameters and cost. deploy=False keeps them
-    (for analyses of the auxiliary heads, and `codetr eval --branch`).
+    deploy=True builds the one-to-one detector alone: the training-only parameters (Co-DETR's branches `aux.*`,
+    H-DETR's / Group-DETR's extra query rows) are left out, so the deployed model has the baseline's parameters
+    and cost. deploy=False keeps them (for analyses of the auxiliary heads, and `codetr eval --branch`).
     """
     state = load_any_checkpoint(ckpt)  # a released Sense-X / mmdet 3.x file is converted in memory
     cfg = config_from_dict(state["config"])
@@ -39,11 +39,10 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
     weights = state["model"]
     if use_ema and state.get("ema"):
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    if deploy:
+    if deploy:  # whatever the method, the deployed model is the one-to-one baseline
         cfg.model.aux.heads = []
-        if cfg.model.method == "co_detr":  # without its heads, Co-DETR's deployed model is the one-to-one baseline
-            cfg.model.method = "deformable_detr"
-        weights = {k: v for k, v in weights.items() if not k.startswith("aux.")}
+        cfg.model.method = "deformable_detr"
+        weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     model = build_detector(cfg.model, state["num_classes"])
     load_model_state(model, weights, source=str(ckpt))
     model.to(device).eval()

@@ -25,6 +25,11 @@ if TYPE_CHECKING:  # the DINO module imports this one
     from codetr.models.dino.detector import DenoisingOutput
 
 
+# Parameters only training uses: Co-DETR's branches and a query method's extra query rows (H-DETR, Group-DETR).
+# The deployed one-to-one detector is built and loaded without them (codetr/engine/inference.py).
+TRAINING_ONLY_PREFIXES = ("aux.", "transformer.extra_queries.")
+
+
 @dataclass
 class DetectorOutput:
     """What the detector predicts for a batch.

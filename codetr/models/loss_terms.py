@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Groups whose terms are per decoder layer, with the query-branch term types (loss_cls / loss_bbox / loss_giou).
-LAYER_GROUPS = ("dec", "dn", "o2m", "grp")
-GROUPS = ("dec", "enc", "dn", "o2m", "grp", "aux", "posq")
+from codetr.models.methods import QUERY_METHODS
+
+# Groups whose terms are per decoder layer, with the query-branch term types (loss_cls / loss_bbox / loss_giou):
+# the one-to-one queries, DINO's denoising queries and every query method's own (o2m, grp: its `term_group`).
+LAYER_GROUPS = ("dec", "dn", *(method.term_group for method in QUERY_METHODS.values()))
+GROUPS = (*LAYER_GROUPS, "enc", "aux", "posq")
 # The one-to-one detector's own loss (what the "detr" head of the conflict analysis back-propagates).
 ONE_TO_ONE_GROUPS = ("dec", "enc")
 

@@ -31,15 +31,18 @@ from torch import Tensor
 
 from codetr.config import ModelConfig, resolved_method
 from codetr.models.loss_terms import LAYER_GROUPS, parse_term
+from codetr.models.methods import QUERY_METHODS
 
 
 def branch_factors(cfg: ModelConfig) -> dict[str, float]:
-    """Eq. 6's factor on each group of terms: {"dec", "enc", "dn": 1, "posq": lambda1, "aux": L * lambda2}; and
-    H-DETR's "o2m": lambda_one2many, Group-DETR's "dec" and "grp": 1 / G."""
+    """Eq. 6's factor on each group of terms: {"dec", "enc", "dn": 1, "posq": lambda1, "aux": L * lambda2}; a query
+    method's own (codetr/models/methods/) on top: H-DETR's "o2m": lambda_one2many, Group-DETR's "dec" and "grp": 1 / G."""
     layers = cfg.transformer.num_decoder_layers
-    groups = cfg.group.num_groups if resolved_method(cfg) == "group_detr" else 1
-    return {"dec": 1.0 / groups, "enc": 1.0, "dn": 1.0, "o2m": cfg.hybrid.weight, "grp": 1.0 / groups,
-            "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
+    factors = {"dec": 1.0, "enc": 1.0, "dn": 1.0, "posq": cfg.aux.lambda1, "aux": layers * cfg.aux.lambda2}
+    method = QUERY_METHODS.get(resolved_method(cfg))
+    if method is not None:
+        factors.update(method.loss_factors(cfg))
+    return factors
 
 
 class LossWeights:

@@ -264,8 +264,9 @@ class DeformableTransformer(nn.Module):
     `reference_points` maps the positional half to a learned 2-d reference point. two_stage=True: the
     encoder scores every token as a proposal and the top Q become the queries' reference boxes.
 
-    num_train_queries (H-DETR, Group-DETR: codetr/models/methods/): the learned query rows, the one-to-one Q
-    first; `forward(feats, layout)` runs them all, and without a layout only the first Q.
+    num_train_queries (H-DETR, Group-DETR: codetr/models/methods/): the queries in training, the one-to-one Q
+    first; the learned rows beyond Q are `extra_queries` (training only, made last so that for the same seed every
+    other parameter equals the baseline's). `forward(feats, layout)` runs them all, without a layout the first Q.
     """
 
     def __init__(
@@ -289,7 +290,6 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         self.d_model = d_model
         self.num_queries = num_queries
-        query_rows = num_train_queries or num_queries
         self.two_stage = two_stage
         self.mixed_selection = mixed_selection and two_stage
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
@@ -312,11 +312,11 @@ class DeformableTransformer(nn.Module):
                 self.enc_class_branch = self.decoder.class_branches[0]
                 self.enc_box_branch = self.decoder.box_branches[0]
             if self.mixed_selection:
-                self.content_queries = nn.Embedding(query_rows, d_model)
+                self.content_queries = nn.Embedding(num_queries, d_model)
             nn.init.xavier_uniform_(self.enc_output.weight)
             nn.init.xavier_uniform_(self.pos_trans.weight)
         else:
-            self.query_embed = nn.Embedding(query_rows, 2 * d_model)
+            self.query_embed = nn.Embedding(num_queries, 2 * d_model)
             self.reference_points = nn.Linear(d_model, 2)
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
@@ -324,6 +324,11 @@ class DeformableTransformer(nn.Module):
             # high, as in Deformable-DETR (its two-stage boxes start at their proposal's size instead).
             nn.init.constant_(self.decoder.box_branches[0][-1].bias[2:], -2.0)
         init_layer_linears([*self.encoder_layers, *self.decoder.layers])
+        # Learned rows of the training-only queries (two-stage without mixed selection has none: its queries come
+        # from the proposals alone). Each row is as wide as the one-to-one rows it extends.
+        num_extra = (num_train_queries or num_queries) - num_queries
+        learned = self.content_queries if self.mixed_selection else None if two_stage else self.query_embed
+        self.extra_queries = nn.Embedding(num_extra, learned.embedding_dim) if num_extra and learned else None
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
@@ -349,13 +354,20 @@ class DeformableTransformer(nn.Module):
         embedded = box_sine_embedding(boxes_unact.sigmoid(), num_feats=self.d_model // 2)
         pos, content = self.pos_trans_norm(self.pos_trans(embedded)).split(self.d_model, -1)
         if self.mixed_selection:
-            content = self.content_queries.weight[None, : boxes_unact.shape[1]].expand(boxes_unact.shape[0], -1, -1)
+            rows = self.learned_rows(self.content_queries, boxes_unact.shape[1])
+            content = rows[None].expand(boxes_unact.shape[0], -1, -1)
         return content, pos
+
+    def learned_rows(self, table: nn.Embedding, count: int) -> Tensor:
+        """The first `count` learned query rows [count, width]: the one-to-one `table`, then `extra_queries`."""
+        if count <= self.num_queries:
+            return table.weight[:count]
+        return torch.cat((table.weight, self.extra_queries.weight[: count - self.num_queries]))
 
     def learned_queries(self, batch: int, count: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Single-stage queries, the first `count` (Q) rows: (content [B, N, C], positional [B, N, C], reference
         points [B, N, 2])."""
-        pos, content = self.query_embed.weight[: count or self.num_queries].split(self.d_model, -1)
+        pos, content = self.learned_rows(self.query_embed, count or self.num_queries).split(self.d_model, -1)
         pos, content = pos[None].expand(batch, -1, -1), content[None].expand(batch, -1, -1)
         return content, pos, self.reference_points(pos).sigmoid()
 

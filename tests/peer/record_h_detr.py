@@ -124,7 +124,8 @@ OFFICIAL_TO_CODETR: list[tuple[str, str]] = [
      lambda m: f"transformer.enc_box_branch.{2 * int(m.group(1))}."),
     (r"^(?:transformer\.decoder\.)?bbox_embed\.(\d+)\.layers\.(\d)\.",
      lambda m: f"transformer.decoder.box_branches.{m.group(1)}.{2 * int(m.group(2))}."),
-    # mixed selection: the learned rows are the content queries (tgt), the first Q one-to-one
+    # mixed selection: the learned rows are the content queries (tgt), the first Q one-to-one (codetr keeps the
+    # one-to-many rows apart, in extra_queries: see SPLIT_ROWS)
     (r"^query_embed\.weight$", "transformer.content_queries.weight"),
     (r"^transformer\.", "transformer."),  # level_embed, enc_output(_norm), pos_trans(_norm), decoder layers' rest
 ]
@@ -140,6 +141,8 @@ GRADIENT_KEYS = [
     "transformer.decoder.layers.0.cross_attn.sampling_offsets.bias",
     "input_proj.3.1.weight",
 ]
+# Official tensors that are codetr's one-to-one rows and its training-only rows, concatenated along dim 0.
+SPLIT_ROWS = {"query_embed.weight": ("transformer.content_queries.weight", "transformer.extra_queries.weight")}
 ZERO_IN_OFFICIAL = re.compile(r"^input_proj\.\d\.0\.bias$")  # codetr's ChannelMapper convs have no bias
 
 
@@ -168,7 +171,7 @@ def fill_rule(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return (2.0 * uniform_std / fan_in**0.5, 0.0) if key.endswith("weight") else (3.0, 0.0)
     if "class_branch" in key and key.endswith("bias"):
         return 0.5, -2.0
-    if key in ("transformer.level_embed", "transformer.content_queries.weight"):
+    if key in ("transformer.level_embed", "transformer.content_queries.weight", "transformer.extra_queries.weight"):
         return uniform_std, 0.0
     if len(shape) == 4:  # convolutions: He scaling
         return 6**0.5 / fan_in**0.5, 0.0
@@ -195,6 +198,10 @@ def official_state(official: torch.nn.Module, ours: dict[str, Tensor]) -> dict[s
     """The official model's state dict from codetr's, through OFFICIAL_TO_CODETR; every codetr key used."""
     state, used = {}, set()
     for key, tensor in official.state_dict().items():
+        if key in SPLIT_ROWS:
+            state[key] = torch.cat([ours[part] for part in SPLIT_ROWS[key]])
+            used.update(SPLIT_ROWS[key])
+            continue
         source = codetr_key(key)
         if source is None:
             state[key] = torch.zeros_like(tensor)
@@ -207,6 +214,18 @@ def official_state(official: torch.nn.Module, ours: dict[str, Tensor]) -> dict[s
     if unused:
         raise KeyError(f"codetr keys with no official counterpart: {unused}")
     return state
+
+
+def codetr_gradients(official: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official gradients under codetr's keys; a SPLIT_ROWS tensor's rows go to its codetr parts."""
+    gradients = {}
+    for key, grad in official.items():
+        if key in SPLIT_ROWS:
+            one_to_one, extra = SPLIT_ROWS[key]
+            gradients[one_to_one], gradients[extra] = grad[:Q].clone(), grad[Q:].clone()
+        else:
+            gradients[codetr_key(key)] = grad.clone()
+    return gradients
 
 
 def import_official(root: Path) -> dict[str, types.ModuleType]:
@@ -327,7 +346,7 @@ def official_training_step(model, criterion, args, train_hybrid, samples, target
         "losses": {k: torch.as_tensor(v, dtype=torch.float32).detach() for k, v in losses.items()},
         "weight_dict": dict(criterion.weight_dict),
         "total": total.detach(),
-        "gradients": {codetr_key(key): params[key].grad.clone() for key in GRADIENT_KEYS},
+        "gradients": codetr_gradients({key: params[key].grad for key in GRADIENT_KEYS}),
     }
 
 

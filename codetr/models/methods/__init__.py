@@ -3,11 +3,13 @@
 (Co-DETR's collaborative heads are the other way to add positives: codetr/models/co_detr/.) A method here
 declares a `QueryLayout` (how many queries the transformer makes in training, which blocks self-attention keeps
 apart) and `training_queries(decoded)`, which picks its queries' predictions out of the decoder's output for the
-criterion. Adding one is one file plus one line in QUERY_METHODS.
+criterion; its `term_group` (its loss terms `<term_group>.d{l}.<type>`), the architectures it builds on, and its
+`loss_factors` (what codetr/models/total_loss.py multiplies its terms by). Adding one is one file plus one line in
+QUERY_METHODS, plus its settings' section in codetr/config.py's ModelConfig if it has any.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from codetr.config import ModelConfig, resolved_method
 from codetr.models.methods.common import QueryLayout, QuerySetOutput, block_attention_mask
@@ -19,9 +21,16 @@ if TYPE_CHECKING:
 
 
 class QueryMethod(Protocol):
-    name: str  # its model.method value
-    term_group: str  # its loss terms: <term_group>.d{l}.<type>
+    name: ClassVar[str]  # its model.method value
+    term_group: ClassVar[str]  # its loss terms: <term_group>.d{l}.<type>
+    architectures: ClassVar[tuple[str, ...]]  # the model.architecture values it builds on
     layout: QueryLayout
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> QueryMethod: ...
+
+    @staticmethod
+    def loss_factors(cfg: ModelConfig) -> dict[str, float]: ...
 
     def training_queries(self, decoded: DecoderOutput) -> QuerySetOutput | None: ...
 

@@ -6,8 +6,8 @@ divides the summed loss by G x the number of boxes: the loss is the groups' mean
 detector (`dec.d{l}.*`) and groups 1..G-1 are logged as `grp.d{l}.*`, each group normalised as the baseline is;
 Eq. 6's factors (codetr/models/total_loss.py) divide both by G. Inference runs group 0 alone.
 
-Two-stage models: every group starts from the same top-Q encoder proposals (with mixed selection each group has
-its own content queries; without it the groups start identical and differ only through their matching).
+Two-stage models: every group starts from the same top-Q encoder proposals, with its own learned content queries
+(mixed selection). Without mixed selection the groups would be identical copies, so that setting is refused.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class GroupQueries:
 
     name = "group_detr"
     term_group = "grp"
+    architectures = ("deformable_detr",)
 
     def __init__(self, num_queries: int, num_groups: int) -> None:
         self.num_queries, self.num_groups = num_queries, num_groups
@@ -34,6 +35,11 @@ class GroupQueries:
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> GroupQueries:
         return cls(cfg.num_queries, cfg.group.num_groups)
+
+    @staticmethod
+    def loss_factors(cfg: ModelConfig) -> dict[str, float]:
+        """The original divides the groups' summed loss by G x the boxes: every group's decoder terms by G."""
+        return {"dec": 1.0 / cfg.group.num_groups, "grp": 1.0 / cfg.group.num_groups}
 
     def training_queries(self, decoded: DecoderOutput) -> QuerySetOutput | None:
         """Groups 1..G-1's predictions [B, (G-1) Q, *] per layer (None for G = 1)."""

@@ -22,6 +22,7 @@ class HybridMatching:
 
     name = "h_detr"
     term_group = "o2m"
+    architectures = ("deformable_detr",)
 
     def __init__(self, num_queries: int, num_one_to_many: int, repeats: int) -> None:
         self.num_queries, self.num_one_to_many, self.repeats = num_queries, num_one_to_many, repeats
@@ -32,6 +33,11 @@ class HybridMatching:
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HybridMatching:
         return cls(cfg.num_queries, cfg.hybrid.num_queries, cfg.hybrid.repeats)
+
+    @staticmethod
+    def loss_factors(cfg: ModelConfig) -> dict[str, float]:
+        """lambda_one2many on the one-to-many terms of every layer (codetr/models/total_loss.py applies it)."""
+        return {"o2m": cfg.hybrid.weight}
 
     def training_queries(self, decoded: DecoderOutput) -> QuerySetOutput | None:
         """The one-to-many queries' predictions [B, M, *] per layer (None without any)."""
