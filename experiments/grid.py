@@ -114,9 +114,13 @@ def check_grid(spec: GridSpec, base: Config) -> None:
 
 
 def default_baseline(points: list[GridPoint], base: Config) -> dict[str, str]:
-    """The point that leaves the base config unchanged (e.g. lambda1=1.0 on co_tiny), else the first."""
+    """The point that leaves the base config unchanged (e.g. lambda1=1.0 on co_tiny), else the one-to-one baseline
+    of a method grid (method=deformable_detr: the paper's comparisons are against it), else the first."""
     for point in points:
         if check_point(point.values, base).hash() == base.hash():
+            return point.values
+    for point in points:
+        if point.values.get("method") == "deformable_detr":
             return point.values
     return points[0].values
 

@@ -132,6 +132,12 @@ def test_default_baseline_is_the_unchanged_point():
     assert parse_baseline("lambda1=1,lambda2=2") == {"lambda1": "1", "lambda2": "2"}
 
 
+
+def test_a_method_grid_defaults_to_the_one_to_one_baseline_whatever_the_order():
+    spec, base = resolve_base(grid_from_flags([("method", "co_detr,h_detr,deformable_detr")]), Schedule(), None)
+    assert default_baseline(spec.points, base) == {"method": "deformable_detr"}
+
+
 # -- validation ----------------------------------------------------------------------------------
 
 

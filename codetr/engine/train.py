@@ -35,6 +35,7 @@ from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.total_loss import weighted_total
 from codetr.models.detector import build_detector
+from codetr.models.loss_terms import head_stat
 
 
 @dataclass
@@ -84,8 +85,8 @@ def train_step(
     record["loss"] = total.item()
     for branch in outputs.aux or []:  # Co-DETR: how many positives each head assigned (before the cap)
         counts = branch.assignment_counts()
-        record[f"stats.{branch.name}.positives"] = float(sum(p for p, _ in counts))
-        record[f"stats.{branch.name}.gts"] = float(sum(g for _, g in counts))
+        record[head_stat(branch.name, "positives")] = float(sum(p for p, _ in counts))
+        record[head_stat(branch.name, "gts")] = float(sum(g for _, g in counts))
     return record
 
 

@@ -9,6 +9,7 @@ the progress bar and the analyses read.
     aux.<head>.<term>        a Co-DETR auxiliary head's own loss term (the head's names, e.g. loss_rpn_cls)
     posq.<head>.d{l}.<type>  that head's customized positive queries at decoder layer l
 <type> is loss_cls, loss_bbox or loss_giou; <head> is the head's log name (atss, faster_rcnn, atss_2, ...).
+Beside the loss terms the training log counts each head's one-to-many assignment: stats.<head>.positives / .gts.
 """
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def aux_term(head: str, term: str) -> str:
 
 def posq_term(head: str, layer: int, term: str) -> str:
     return str(TermName("posq", term, layer=layer, head=head))
+
+
+def head_stat(head: str, count: str) -> str:
+    """The training log's count of a head's assignment: ('atss', 'positives') -> 'stats.atss.positives'."""
+    return f"stats.{head}.{count}"
 
 
 def parse_term(name: str) -> TermName:
