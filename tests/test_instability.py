@@ -184,8 +184,8 @@ def test_cli_instability_end_to_end(three_epoch_run, synth_root, tmp_path):
     assert ((frame["changed_fraction"] >= 0) & (frame["changed_fraction"] <= 1)).all()
     assert ((frame["is_per_image"] * 6 - frame["changed_boxes"]).abs() < 1e-4).all()  # the CSV keeps 6 digits
     # by query: between the changed boxes and twice them (every box is matched: 50 queries)
-    assert ((frame["is_by_query_per_image"] >= frame["is_per_image"])
-            & (frame["is_by_query_per_image"] <= 2 * frame["is_per_image"])).all()
+    assert ((frame["is_by_query_per_image"] >= frame["is_per_image"] - 1e-5)  # the CSV rounds to 6 digits
+            & (frame["is_by_query_per_image"] <= 2 * frame["is_per_image"] + 1e-5)).all()
     # the pair's row is what the API gives for the two checkpoints
     before, after = (checkpoint_assignments(p, "cpu", synth_root, max_images=6) for p in (first, last))
     assert (before.epoch, after.epoch, before.num_queries) == (1, 3, 50)
