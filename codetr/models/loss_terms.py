@@ -70,21 +70,23 @@ def head_stat(head: str, count: str) -> str:
     return f"stats.{head}.{count}"
 
 
+def _layer_index(part: str) -> int | None:
+    """'d3' -> 3; None for anything else."""
+    return int(part[1:]) if part[:1] == "d" and part[1:].isdigit() else None
+
+
 def parse_term(name: str) -> TermName:
     """The parts of a term name; ValueError if `name` is not a loss term (e.g. 'loss', 'lr', 'time')."""
     parts = name.split(".")
     group = parts[0]
-    try:
-        if group == "enc" and len(parts) == 2:
-            return TermName(group, parts[1])
-        if group in LAYER_GROUPS and len(parts) == 3 and parts[1].startswith("d"):
-            return TermName(group, parts[2], layer=int(parts[1][1:]))
-        if group == "aux" and len(parts) == 3:
-            return TermName(group, parts[2], head=parts[1])
-        if group == "posq" and len(parts) == 4 and parts[2].startswith("d"):
-            return TermName(group, parts[3], layer=int(parts[2][1:]), head=parts[1])
-    except ValueError:
-        pass
+    if group == "enc" and len(parts) == 2:
+        return TermName(group, parts[1])
+    if group in LAYER_GROUPS and len(parts) == 3 and _layer_index(parts[1]) is not None:
+        return TermName(group, parts[2], layer=_layer_index(parts[1]))
+    if group == "aux" and len(parts) == 3:
+        return TermName(group, parts[2], head=parts[1])
+    if group == "posq" and len(parts) == 4 and _layer_index(parts[2]) is not None:
+        return TermName(group, parts[3], layer=_layer_index(parts[2]), head=parts[1])
     raise ValueError(f"{name!r} is not a loss term name (see codetr/models/loss_terms.py)")
 
 

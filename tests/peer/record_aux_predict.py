@@ -27,6 +27,7 @@ pipeline pads with size_divisor 1).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ from mmengine.structures import InstanceData
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample
 from mmdet.utils import register_all_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_heads_rcnn_gfl_paa import randomize  # noqa: E402  (the same deterministic weights as the loss fixtures)
 
 OUT = Path(__file__).resolve().parents[1] / "fixtures" / "peer" / "aux_predict.pt"
 NUM_CLASSES = 4
@@ -71,23 +75,6 @@ def data_samples(inputs: dict) -> list[DetDataSample]:
         samples.append(DetDataSample(metainfo=dict(img_shape=(h, w), pad_shape=(h, w), batch_input_shape=PAD_HW,
                                                    ori_shape=(oh, ow), scale_factor=tuple(factor))))
     return samples
-
-
-def randomize(module: torch.nn.Module, seed: int, gains: dict[str, float], biases: dict[str, float]) -> None:
-    """Weights ~ N(0, gain / sqrt(fan_in)) (gain by name fragment, default 1), biases ~ N(0, 0.1) + the shift
-    of `biases` (by name fragment: start the class scores where the score threshold matters), GroupNorm affine
-    and Scales ~ 1 + N(0, 0.1) / N(0, 0.1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("scale") or ".gn.weight" in name:
-                param.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.1 * noise + next((b for key, b in biases.items() if key in name), 0.0))
-            else:
-                gain = next((g for key, g in gains.items() if key in name), 1.0)
-                param.copy_(noise * gain / param[0].numel() ** 0.5)
 
 
 def plain(results: list[InstanceData]) -> list[dict[str, torch.Tensor]]:

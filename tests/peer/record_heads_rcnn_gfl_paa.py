@@ -101,9 +101,11 @@ def data_samples(inputs: dict, class_agnostic: bool = False) -> list[DetDataSamp
     return samples
 
 
-def randomize(module: torch.nn.Module, seed: int, gains: dict[str, float]) -> None:
-    """Deterministic random weights: weights ~ N(0, gain / sqrt(fan_in)), biases ~ N(0, 0.1),
-    GroupNorm affine ~ 1 + N(0, 0.1) / N(0, 0.1), Scales ~ 1 + N(0, 0.1). `gains`: name fragment -> gain."""
+def randomize(module: torch.nn.Module, seed: int, gains: dict[str, float], biases: dict[str, float] | None = None
+              ) -> None:
+    """Deterministic random weights: weights ~ N(0, gain / sqrt(fan_in)), biases ~ N(0, 0.1) (+ a shift where a
+    name fragment of `biases` matches, e.g. to start class scores where a score threshold matters), GroupNorm affine
+    ~ 1 + N(0, 0.1) / N(0, 0.1), Scales ~ 1 + N(0, 0.1). `gains`: name fragment -> gain."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(module.named_parameters()):
@@ -111,7 +113,7 @@ def randomize(module: torch.nn.Module, seed: int, gains: dict[str, float]) -> No
             if name.endswith("scale") or ".gn.weight" in name:
                 param.copy_(1.0 + 0.1 * noise)
             elif name.endswith("bias"):
-                param.copy_(0.1 * noise)
+                param.copy_(0.1 * noise + next((b for key, b in (biases or {}).items() if key in name), 0.0))
             else:
                 gain = next((g for key, g in gains.items() if key in name), 1.0)
                 param.copy_(noise * gain / param[0].numel() ** 0.5)
