@@ -73,7 +73,6 @@ class DeformableDETR(nn.Module):
         self.backbone = build_backbone(cfg.backbone, first_stage=5 - t.num_levels)
         self.neck = ChannelMapper(self.backbone.out_channels, t.d_model)
         self.level_strides = (*self.backbone.out_strides, 2 * self.backbone.out_strides[-1])
-        self.method = resolved_method(cfg)
         self.query_method = build_query_method(cfg)
         self.transformer = self.build_transformer(cfg, num_classes)
         # Channels-last convolutions are faster on CPU (mkldnn) and on GPU tensor cores, and the

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from codetr.config import ModelConfig, resolved_method
-from codetr.models.loss_terms import LAYER_GROUPS, parse_term
+from codetr.models.loss_terms import LAYER_GROUPS, TermName, parse_term
 from codetr.models.methods import QUERY_METHODS
 
 
@@ -55,17 +55,24 @@ class LossWeights:
         self.factors = branch_factors(cfg)
 
     def __call__(self, name: str) -> float:
-        return self.factors[parse_term(name).group] * self.term_weight(name)
+        parsed = self._parse(name)
+        return self.factors[parsed.group] * self._weight_in_head(parsed)
 
     def term_weight(self, name: str) -> float:
         """The term's weight inside its own head's loss, without lambda1 / lambda2."""
+        return self._weight_in_head(self._parse(name))
+
+    @staticmethod
+    def _parse(name: str) -> TermName:
         try:
-            parsed = parse_term(name)
+            return parse_term(name)
         except ValueError:
             raise KeyError(name) from None
-        if parsed.group in (*LAYER_GROUPS, "enc", "posq"):
-            return self.type_weights[parsed.term]
-        return self.aux_head_weights[parsed.head][parsed.term]
+
+    def _weight_in_head(self, term: TermName) -> float:
+        if term.group in (*LAYER_GROUPS, "enc", "posq"):
+            return self.type_weights[term.term]
+        return self.aux_head_weights[term.head][term.term]
 
 
 def weighted_total(losses: dict[str, Tensor], weights: LossWeights) -> tuple[Tensor, dict[str, Tensor]]:
