@@ -45,6 +45,10 @@ class TransformerConfig:
     # Co-DINO temperature 20 and offset 0 (mmdet's SinePositionalEncoding default).
     pos_temperature: float = 10000.0
     pos_offset: float = -0.5
+    # How the deformable attention is computed: "sparse" (one sparse matrix product, hand-written backward),
+    # "grid_sample" (per-level grid_sample under autograd) or "auto" (sparse on the CPU, grid_sample on GPUs).
+    # The numbers are the same (float round-off); it is not part of the config hash.
+    attention_impl: str = "auto"
 
 
 @dataclass
@@ -219,6 +223,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (0: only at the end)
     checkpoint_every: int = 0  # also save last.pt every N iterations (0: only at epoch ends)
     keep_epoch_checkpoints: bool = True
+    # Recompute the backbone stages' and encoder layers' activations in backward instead of keeping them:
+    # less memory, more time, the same numbers; not part of the config hash.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -235,12 +242,16 @@ class Config:
     def hash(self) -> str:
         """A short stable hash of every value that matters (used to name and check runs). The method switch's
         settings count only where they are used (model.method unless "auto", model.hybrid for h_detr, model.group
-        for group_detr), so every config from before the switch keeps its hash and its grid folders resume."""
+        for group_detr), so every config from before the switch keeps its hash and its grid folders resume. The
+        execution settings that do not change the numbers (model.transformer.attention_impl,
+        train.activation_checkpointing) are left out."""
         values = self.to_dict()
         model = values["model"]
         method = resolved_method(self.model)
         if model["method"] == "auto":
             del model["method"]
+        del model["transformer"]["attention_impl"]  # how the numbers are computed, not what they are
+        del values["train"]["activation_checkpointing"]
         for section, user in (("hybrid", "h_detr"), ("group", "group_detr")):
             if method != user:
                 del model[section]
@@ -395,6 +406,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.model.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "0..4"),
         (t.d_model % t.num_heads == 0, "model.transformer.d_model", f"a multiple of num_heads={t.num_heads}"),
         (t.num_levels in (4, 5), "model.transformer.num_levels", "4 (strides 8..64) or 5 (strides 4..64)"),
+        (t.attention_impl in attention_impls(), "model.transformer.attention_impl", " or ".join(attention_impls())),
         (cfg.model.architecture in ARCHITECTURES, "model.architecture", " or ".join(ARCHITECTURES)),
         (cfg.model.architecture != "dino" or (cfg.model.two_stage and cfg.model.with_box_refine),
          "model.architecture", "deformable_detr when two_stage or with_box_refine is off (DINO has both)"),
@@ -430,6 +442,13 @@ def validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={_lookup(cfg, key)!r}: expected {expected}")
+
+
+def attention_impls() -> tuple[str, ...]:
+    """The deformable attention implementations (codetr.models.ms_deform_attn.ATTENTION_IMPLS)."""
+    from codetr.models.ms_deform_attn import ATTENTION_IMPLS
+
+    return ATTENTION_IMPLS
 
 
 def aux_head_kinds() -> tuple[str, ...]:

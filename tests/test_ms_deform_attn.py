@@ -1,16 +1,24 @@
-"""Multi-scale deformable attention against a plain per-point bilinear sampling loop."""
+"""Multi-scale deformable attention, both implementations ("grid_sample", "sparse"), against a plain per-point
+bilinear sampling loop, mmcv 2.1's recorded values and gradients, and each other."""
 
 import math
 
 import pytest
 import torch
+from pathlib import Path
+
 from torch import nn
 
 from codetr.models.ms_deform_attn import (
     MSDeformAttn,
     multi_scale_deformable_attention,
+    resolve_attention_impl,
     sampling_locations_from_offsets,
+    use_attention_impl,
 )
+
+IMPLS = ("grid_sample", "sparse")
+MMCV_FIXTURE = Path(__file__).parent / "fixtures" / "peer" / "mmcv_msda.pt"
 
 SHAPES = [(4, 5), (2, 3)]  # (H_l, W_l) per level
 
@@ -57,12 +65,13 @@ def _random_inputs(seed: int, queries: int = 3, heads: int = 2, points: int = 2,
     return value, locations, weights
 
 
-def test_functional_matches_loop_values_and_gradients() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_functional_matches_loop_values_and_gradients(impl: str) -> None:
     value, locations, weights = _random_inputs(0)
     spatial_shapes = torch.tensor(SHAPES)
     inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
     ref_inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
-    out = multi_scale_deformable_attention(inputs[0], spatial_shapes, inputs[1], inputs[2])
+    out = multi_scale_deformable_attention(inputs[0], spatial_shapes, inputs[1], inputs[2], impl=impl)
     ref = _reference_msda(ref_inputs[0], SHAPES, ref_inputs[1], ref_inputs[2])
     assert out.shape == (2, 3, 2 * 3)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)  # float64
@@ -74,14 +83,78 @@ def test_functional_matches_loop_values_and_gradients() -> None:
     assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0  # the comparison is not vacuous
 
 
-def test_functional_gradcheck_double() -> None:
-    value, locations, weights = _random_inputs(1, queries=2, heads=1, points=2, head_dim=2)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_functional_gradcheck_double(impl: str) -> None:
+    value, locations, weights = _random_inputs(1, queries=2, heads=2, points=2, head_dim=2)
     spatial_shapes = torch.tensor(SHAPES)
     inputs = tuple(t.requires_grad_(True) for t in (value, locations, weights))
     level_start_index = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]])
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: multi_scale_deformable_attention(v, spatial_shapes, loc, w, level_start_index), inputs
+        lambda v, loc, w: multi_scale_deformable_attention(v, spatial_shapes, loc, w, level_start_index, impl), inputs
     )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case, tolerance", [("float64", 1e-12), ("float32", 2e-5)])
+def test_functional_matches_recorded_mmcv(impl: str, case: str, tolerance: float) -> None:
+    """mmcv 2.1's multi_scale_deformable_attn_pytorch (tests/peer/record_mmcv_msda.py): points off the maps, on
+    pixel centres and half-way between them, a 1x1 level; values and all three gradients."""
+    record = torch.load(MMCV_FIXTURE, weights_only=True)["cases"][case]
+    inputs = [record[k].clone().requires_grad_(True) for k in ("value", "locations", "weights")]
+    out = multi_scale_deformable_attention(inputs[0], record["shapes"], inputs[1], inputs[2], impl=impl)
+    scale = record["out"].abs().max()
+    torch.testing.assert_close(out, record["out"], atol=tolerance * scale.item(), rtol=0)
+    grads = torch.autograd.grad(out, inputs, record["upstream"])
+    for name, grad in zip(("value", "locations", "weights"), grads):
+        expected = record[f"grad_{name}"]
+        # tolerance relative to the largest entry: location gradients are scaled by the map widths
+        torch.testing.assert_close(grad, expected, atol=tolerance * expected.abs().max().item(), rtol=0,
+                                   msg=lambda m: f"gradient w.r.t. {name}: {m}")
+
+
+def test_sparse_equals_grid_sample_at_encoder_like_scale() -> None:
+    """float32, 4 levels, 8 heads, points spread around every query; only the gradients autograd asks for."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(20, 30), (10, 15), (5, 8), (3, 4)]
+    num_values = sum(h * w for h, w in shapes)
+    value = torch.randn(2, num_values, 8, 32, generator=g)
+    centres = torch.rand(2, num_values, 1, 1, 1, 2, generator=g)
+    locations = centres + 0.05 * torch.randn(2, num_values, 8, 4, 4, 2, generator=g)
+    weights = torch.rand(2, num_values, 8, 16, generator=g).softmax(-1).view(2, num_values, 8, 4, 4)
+    upstream = torch.randn(2, num_values, 256, generator=g)
+    results = {}
+    for impl in IMPLS:
+        inputs = [value.clone().requires_grad_(True), locations.clone(), weights.clone().requires_grad_(True)]
+        out = multi_scale_deformable_attention(inputs[0], torch.tensor(shapes), inputs[1], inputs[2], impl=impl)
+        results[impl] = (out, *torch.autograd.grad(out, (inputs[0], inputs[2]), upstream))
+    for name, ours, theirs in zip(("out", "grad value", "grad weights"), results["sparse"], results["grid_sample"]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_sparse_keeps_only_its_inputs_for_backward() -> None:
+    """The sparse implementation saves value, locations and weights; grid_sample under autograd also keeps
+    every level's [B*H, Dh, Lq, P] samples (here several times the inputs)."""
+    value, locations, weights = _random_inputs(4, queries=40, heads=2, points=4, head_dim=8)
+    inputs_bytes = sum(t.numel() * t.element_size() for t in (value, locations, weights))
+    saved = {}
+    for impl in IMPLS:
+        tensors = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: tensors.append(t) or t, lambda t: t):
+            multi_scale_deformable_attention(*(t.clone().requires_grad_(True) for t in (value,)), torch.tensor(SHAPES),
+                                             locations.clone().requires_grad_(True),
+                                             weights.clone().requires_grad_(True), impl=impl)
+        saved[impl] = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+    assert saved["sparse"] == inputs_bytes
+    assert saved["grid_sample"] > 2 * inputs_bytes
+
+
+def test_auto_picks_sparse_on_cpu_and_names_are_checked() -> None:
+    assert resolve_attention_impl("auto", torch.device("cpu")) == "sparse"
+    assert resolve_attention_impl("auto", torch.device("cuda")) == "grid_sample"
+    with pytest.raises(ValueError, match="grid_sample, sparse"):
+        resolve_attention_impl("triton", torch.device("cpu"))
+    model = nn.Sequential(MSDeformAttn(16, 2, 2, 2), MSDeformAttn(16, 2, 2, 2))
+    assert [m.impl for m in use_attention_impl(model, "grid_sample")] == ["grid_sample", "grid_sample"]
 
 
 def test_functional_rejects_inconsistent_shapes() -> None:
@@ -115,10 +188,11 @@ def test_sampling_locations_2d_and_4d_hand_checked() -> None:
         ([0.5, 0.5, 0.5, 0.5], [5.5, 2.0]),
     ],
 )
-def test_module_one_point_hand_checked(reference: list[float], expected_pixel: list[float]) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_one_point_hand_checked(reference: list[float], expected_pixel: list[float], impl: str) -> None:
     # One head, level and point; identity projections; a value map whose channels are the pixel
     # column and row, so bilinear sampling returns the (fractional) pixel coordinates themselves.
-    attn = MSDeformAttn(embed_dim=2, num_heads=1, num_levels=1, num_points=1).double()
+    attn = MSDeformAttn(embed_dim=2, num_heads=1, num_levels=1, num_points=1, impl=impl).double()
     with torch.no_grad():
         for proj in (attn.value_proj, attn.output_proj):
             proj.weight.copy_(torch.eye(2))
@@ -130,9 +204,10 @@ def test_module_one_point_hand_checked(reference: list[float], expected_pixel: l
     torch.testing.assert_close(out.view(2), torch.tensor(expected_pixel, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-def test_module_ignores_padded_values() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_ignores_padded_values(impl: str) -> None:
     torch.manual_seed(0)
-    attn = MSDeformAttn(embed_dim=8, num_heads=2, num_levels=2, num_points=3)
+    attn = MSDeformAttn(embed_dim=8, num_heads=2, num_levels=2, num_points=3, impl=impl)
     nn.init.normal_(attn.sampling_offsets.weight, std=1.0)  # spread the points over the maps
     nn.init.normal_(attn.attention_weights.weight, std=1.0)
     spatial_shapes = torch.tensor(SHAPES)

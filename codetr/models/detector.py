@@ -16,6 +16,7 @@ from codetr.box_ops import clip_boxes, scale_boxes
 from codetr.config import ModelConfig, resolved_method
 from codetr.models.backbone import build_backbone
 from codetr.models.methods import QuerySetOutput, build_query_method
+from codetr.models.ms_deform_attn import use_attention_impl
 from codetr.models.neck import ChannelMapper
 from codetr.models.position_encoding import sine_position_encoding
 from codetr.models.soft_nms import batched_soft_nms
@@ -165,9 +166,11 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:
     if resolved_method(cfg) == "co_detr":
         from codetr.models.co_detr.model import CoDeformableDETR, CoDINO
 
-        return (CoDINO if dino else CoDeformableDETR)(cfg, num_classes)
-    if dino:
+        model = (CoDINO if dino else CoDeformableDETR)(cfg, num_classes)
+    elif dino:
         from codetr.models.dino.detector import DINO
 
-        return DINO(cfg, num_classes)
-    return DeformableDETR(cfg, num_classes)
+        model = DINO(cfg, num_classes)
+    else:
+        model = DeformableDETR(cfg, num_classes)
+    return use_attention_impl(model, cfg.transformer.attention_impl)
