@@ -103,11 +103,12 @@ def measure_training_step(cfg: Config, size_hw: tuple[int, int], batch: int, ite
     from codetr.engine.optim import build_optimizer
     from codetr.engine.train import train_step
     from codetr.models.criterion import build_criterion
+    from codetr.models.checkpointing import use_activation_checkpointing
     from codetr.models.detector import build_detector
 
     before_model = peak_memory_mb(device)
     torch.manual_seed(seed)
-    model = build_detector(cfg.model, num_classes).to(device)
+    model = use_activation_checkpointing(build_detector(cfg.model, num_classes).to(device), cfg.train.activation_checkpointing)
     criterion = build_criterion(model, cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, cfg.train.amp) else None

@@ -31,6 +31,7 @@ from analysis.profile import parse_size, sync, synthetic_batch  # noqa: E402
 from codetr.config import apply_overrides, get_preset  # noqa: E402
 from codetr.engine.optim import build_optimizer  # noqa: E402
 from codetr.models.criterion import build_criterion  # noqa: E402
+from codetr.models.checkpointing import use_activation_checkpointing  # noqa: E402
 from codetr.models.detector import build_detector  # noqa: E402
 from codetr.models.total_loss import weighted_total  # noqa: E402
 
@@ -101,7 +102,8 @@ def main() -> None:
     cfg = apply_overrides(get_preset(args.preset), args.overrides)
     height, width = parse_size(args.size)
     torch.manual_seed(0)
-    model = build_detector(cfg.model, args.num_classes).to(device).train()
+    model = build_detector(cfg.model, args.num_classes).to(device)
+    use_activation_checkpointing(model, cfg.train.activation_checkpointing).train()
     criterion = build_criterion(model, cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     images, masks, targets = synthetic_batch(args.batch, height, width, args.num_classes, device)

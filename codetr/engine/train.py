@@ -34,6 +34,7 @@ from codetr.errors import CheckpointError, DataError, TrainingError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.total_loss import weighted_total
+from codetr.models.checkpointing import use_activation_checkpointing
 from codetr.models.detector import build_detector
 from codetr.models.loss_terms import head_stat
 
@@ -112,6 +113,7 @@ class Trainer:
                 f"{self.train_set.cat_ids}"
             )
         self.model = build_detector(cfg.model, self.train_set.num_classes).to(self.device)
+        use_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.criterion = build_criterion(self.model, cfg.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)

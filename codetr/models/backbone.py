@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from codetr.errors import CheckpointError
+from codetr.models.checkpointing import maybe_checkpoint
 
 _RESNETS = {
     18: torchvision.models.resnet18,
@@ -31,6 +32,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, depth: int = 50, frozen_stages: int = 1, pretrained: str = "", first_stage: int = 1) -> None:
         super().__init__()
+        self.activation_checkpointing = False  # see codetr/models/checkpointing.py
         resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
         if pretrained:
             load_pretrained_resnet(resnet, pretrained)
@@ -49,7 +51,7 @@ class ResNetBackbone(nn.Module):
         x = self.stem(images)
         outputs = []
         for index, stage in enumerate(self.stages):
-            x = stage(x)
+            x = maybe_checkpoint(self.activation_checkpointing, stage, x)
             if index >= self.first_stage:
                 outputs.append(x)
         return outputs

@@ -113,7 +113,9 @@ def transpose_csr(columns: Tensor, values: Tensor, num_rows: int, num_columns: i
     order = flat_columns.argsort()
     counts = torch.bincount(flat_columns, minlength=num_columns)
     crow = torch.cat((counts.new_zeros(1), counts.cumsum(0))).int()
-    source_rows = (order // per_row).int()
+    # the row each entry came from; a shift where K is a power of two (4 levels x 4 points x 4 corners = 64)
+    shift = per_row.bit_length() - 1
+    source_rows = (order >> shift if per_row == 1 << shift else order // per_row).int()
     return torch.sparse_csr_tensor(crow, source_rows, values.reshape(-1)[order], (num_columns, num_rows),
                                    check_invariants=False)
 
@@ -147,14 +149,14 @@ class SparseDeformableAttention(torch.autograd.Function):
         values_flat = value.reshape(num_columns, head_dim)
 
         grad_value = grad_locations = grad_weights = None
+        coefficients = corner_coefficients(taps, attention_weights)
         if ctx.needs_input_grad[0]:
-            coefficients = corner_coefficients(taps, attention_weights)
             transposed = transpose_csr(columns, coefficients, num_rows, num_columns)
             grad_value = (transposed @ grad_rows).view_as(value)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # dL/dA at the non-zeros: <grad of the output row, the value row each corner reads>
-            pattern = csr(columns, torch.ones((), device=value.device, dtype=value.dtype).expand(columns.shape),
-                          num_rows, num_columns)
+            # dL/dA at the non-zeros: <grad of the output row, the value row each corner reads> (beta=0: A's
+            # values only give the pattern)
+            pattern = csr(columns, coefficients, num_rows, num_columns)
             dots = torch.sparse.sampled_addmm(pattern, grad_rows, values_flat.t(), beta=0.0).values()
             d00, d10, d01, d11 = dots.view(*taps.columns.shape).unbind(-1)
             (wx0, wx1), (wy0, wy1) = taps.x_weights, taps.y_weights

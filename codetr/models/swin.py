@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention, SwinTransformerBlock
 
+from codetr.models.checkpointing import maybe_checkpoint
+
 # The Co-DETR releases' backbones (Sense-X/Co-DETR projects/configs: co_deformable_detr_swin_{tiny,small,
 # base,large}_1x_coco.py, co_dino_5scale_swin_large_*.py; mmdet 3.3 projects/CO-DETR codino configs).
 # Their out_indices differ by detector (Co-Deformable-DETR (1, 2, 3), Co-DINO (0, 1, 2, 3)) and are left
@@ -152,6 +154,7 @@ class SwinBackbone(nn.Module):
         patch_size: int = 4,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = False  # see codetr/models/checkpointing.py
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
         increasing = list(out_indices) == sorted(set(out_indices))
@@ -182,7 +185,7 @@ class SwinBackbone(nn.Module):
         x = self.patch_embed(images)  # [B, H / 4, W / 4, C], channels last throughout
         outputs = []
         for stage, blocks in enumerate(self.stages):
-            x = blocks(x)
+            x = maybe_checkpoint(self.activation_checkpointing, blocks, x)
             if stage in self.out_indices:
                 outputs.append(self.out_norms[str(stage)](x).permute(0, 3, 1, 2))  # [B, C_s, H_s, W_s]
             if stage == self.out_indices[-1]:

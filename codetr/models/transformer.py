@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.box_ops import inverse_sigmoid
+from codetr.models.checkpointing import maybe_checkpoint
 from codetr.models.methods.common import QueryLayout, block_attention_mask
 from codetr.models.ms_deform_attn import MSDeformAttn
 from codetr.models.position_encoding import box_sine_embedding
@@ -119,13 +120,13 @@ def encoder_reference_points(feats: FlatFeatures) -> Tensor:
     return points[:, :, None] * feats.valid_ratios[:, None]
 
 
-def run_encoder(layers: nn.ModuleList, feats: FlatFeatures) -> Tensor:
-    """The encoder layers on the flattened features, each token attending around its own position.
-    Returns the memory [B, S, C]."""
+def run_encoder(layers: nn.ModuleList, feats: FlatFeatures, checkpointing: bool = False) -> Tensor:
+    """The encoder layers on the flattened features, each token attending around its own position; with
+    `checkpointing` each layer recomputes its activations in backward. Returns the memory [B, S, C]."""
     reference_points = encoder_reference_points(feats)
     x = feats.tokens
     for layer in layers:
-        x = layer(x, feats, reference_points)
+        x = maybe_checkpoint(checkpointing, layer, x, feats, reference_points)
     return x
 
 
@@ -288,6 +289,7 @@ class DeformableTransformer(nn.Module):
         num_train_queries: int | None = None,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = False  # see codetr/models/checkpointing.py
         self.d_model = d_model
         self.num_queries = num_queries
         self.two_stage = two_stage
@@ -332,7 +334,7 @@ class DeformableTransformer(nn.Module):
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
-        return run_encoder(self.encoder_layers, feats)
+        return run_encoder(self.encoder_layers, feats, self.activation_checkpointing)
 
     def propose(self, memory: Tensor, feats: FlatFeatures, num_proposals: int | None = None) -> EncoderProposals:
         """Score every encoder token as a proposal around a fixed grid box and keep the top `num_proposals` (Q)."""

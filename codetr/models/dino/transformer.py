@@ -80,6 +80,7 @@ class DINOTransformer(nn.Module):
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6, ffn_dim: int = 2048, dropout: float = 0.0,
                  num_levels: int = 5, num_points: int = 4) -> None:
         super().__init__()
+        self.activation_checkpointing = False  # see codetr/models/checkpointing.py
         self.d_model = d_model
         self.num_queries = num_queries
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
@@ -99,7 +100,7 @@ class DINOTransformer(nn.Module):
 
     def encode(self, feats: FlatFeatures) -> Tensor:
         """Returns the encoder memory [B, S, C]."""
-        return run_encoder(self.encoder_layers, feats)
+        return run_encoder(self.encoder_layers, feats, self.activation_checkpointing)
 
     def propose(self, memory: Tensor, feats: FlatFeatures) -> EncoderProposals:
         """Score every token as a proposal around its grid box; keep the Q best by their highest class score.
