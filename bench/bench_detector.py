@@ -38,12 +38,14 @@ def measure_ours(args, mode: str) -> dict:
     from codetr.engine.optim import build_optimizer
     from codetr.engine.train import train_step
     from codetr.models.criterion import build_criterion
+    from codetr.models.checkpointing import use_activation_checkpointing
     from codetr.models.detector import build_detector
 
     device = torch.device(args.device)
     cfg = apply_overrides(get_preset(args.preset), args.set + [f"model.transformer.ffn_dim={args.ffn_dim}"])
     torch.manual_seed(0)
     model = build_detector(cfg.model, args.num_classes).to(device)
+    use_activation_checkpointing(model, cfg.train.activation_checkpointing)
     height, width = args.size
     images, masks, targets = synthetic_batch(args.batch, height, width, args.num_classes, device)
     if mode == "train":
