@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from codetr.config import Config, config_from_dict, resolved_method
-from codetr.engine.memory import peak_memory_mb
+from codetr.engine.memory import keep_freed_memory_for_reuse, peak_memory_mb
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_json, atomic_write_text
 
@@ -106,6 +106,8 @@ def measure_training_step(cfg: Config, size_hw: tuple[int, int], batch: int, ite
     from codetr.models.checkpointing import use_activation_checkpointing
     from codetr.models.detector import build_detector
 
+    if device.type == "cpu" and cfg.train.reuse_freed_memory:  # as the Trainer does
+        keep_freed_memory_for_reuse()
     before_model = peak_memory_mb(device)
     torch.manual_seed(seed)
     model = use_activation_checkpointing(build_detector(cfg.model, num_classes).to(device), cfg.train.activation_checkpointing)

@@ -13,12 +13,14 @@ mmdetection 3.3's DeformableDETR, run by bench/mmdet_peer.py with VENV/bin/pytho
 ../shared/peer/build_mmdet_peer.sh builds), which reads the batch from a file this script saves. All
 three use the FFN width `--ffn-dim` (default: the preset's model.transformer.ffn_dim). After the table
 come the ratios codetr / peer of train s/iter, infer s/image and train peak MB (below 1: codetr is
-faster or smaller).
+faster or smaller). On the CPU codetr keeps freed memory for reuse (train.reuse_freed_memory, on by default;
+`--set train.reuse_freed_memory=false` turns it off); `--same-allocator` gives the peers that malloc setting too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # codetr and analysis, installed or not
 
 from analysis.profile import synthetic_batch, time_iterations  # noqa: E402
-from codetr.engine.memory import peak_memory_mb  # noqa: E402
+from codetr.engine.memory import keep_freed_memory_for_reuse, peak_memory_mb  # noqa: E402
 
 
 def measure_ours(args, mode: str) -> dict:
@@ -43,6 +45,8 @@ def measure_ours(args, mode: str) -> dict:
 
     device = torch.device(args.device)
     cfg = apply_overrides(get_preset(args.preset), args.set + [f"model.transformer.ffn_dim={args.ffn_dim}"])
+    if device.type == "cpu" and cfg.train.reuse_freed_memory:  # as codetr's Trainer does
+        keep_freed_memory_for_reuse()
     torch.manual_seed(0)
     model = build_detector(cfg.model, args.num_classes).to(device)
     use_activation_checkpointing(model, cfg.train.activation_checkpointing)
@@ -118,6 +122,11 @@ def child_args(args) -> list[str]:
     return [str(option) for option in options] + [f"--set={item}" for item in args.set]
 
 
+# What codetr's train.reuse_freed_memory sets through mallopt (codetr/engine/memory.py), as glibc environment
+# variables for the peers' processes (--same-allocator).
+PEER_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
 def mmdet_python(args) -> Path:
     return Path(args.mmdet).expanduser() / "bin" / "python"
 
@@ -143,7 +152,8 @@ def run_measurement(impl: str, mode: str, args, batch_file: Path | None) -> dict
         command = mmdet_command(args, mode, batch_file)
     else:
         command = [sys.executable, __file__, "--only", f"{impl}:{mode}"] + child_args(args)
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    env = dict(os.environ, **PEER_ALLOCATOR_ENV) if impl != "codetr" and args.same_allocator else None
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         print(f"{impl} {mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -189,6 +199,8 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also run HF transformers' DeformableDetr")
     parser.add_argument("--mmdet", default="", metavar="VENV",
                         help="also run mmdetection 3.3's DeformableDETR with VENV/bin/python (bench/mmdet_peer.py)")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="run the peers with the malloc setting codetr uses on the CPU (train.reuse_freed_memory)")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.threads:

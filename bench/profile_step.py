@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.profile import parse_size, sync, synthetic_batch  # noqa: E402
 from codetr.config import apply_overrides, get_preset  # noqa: E402
+from codetr.engine.memory import keep_freed_memory_for_reuse  # noqa: E402
 from codetr.engine.optim import build_optimizer  # noqa: E402
 from codetr.models.criterion import build_criterion  # noqa: E402
 from codetr.models.checkpointing import use_activation_checkpointing  # noqa: E402
@@ -101,6 +102,8 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = apply_overrides(get_preset(args.preset), args.overrides)
     height, width = parse_size(args.size)
+    if device.type == "cpu" and cfg.train.reuse_freed_memory:  # as the Trainer does
+        keep_freed_memory_for_reuse()
     torch.manual_seed(0)
     model = build_detector(cfg.model, args.num_classes).to(device)
     use_activation_checkpointing(model, cfg.train.activation_checkpointing).train()

@@ -25,6 +25,7 @@ from codetr.config import Config
 from codetr.data.collate import Batch
 from codetr.data.loaders import build_dataset, build_eval_loader, build_train_loader
 from codetr.engine.amp import autocast_context, needs_grad_scaler
+from codetr.engine.memory import keep_freed_memory_for_reuse
 from codetr.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from codetr.engine.distributed import DistInfo, any_rank_true, barrier, broadcast_from_main, gather_objects, init_distributed
 from codetr.engine.evaluate import evaluate, write_eval_outputs
@@ -112,6 +113,8 @@ class Trainer:
                 f"{self.val_set.ann_file}: categories {self.val_set.cat_ids} differ from the training set's "
                 f"{self.train_set.cat_ids}"
             )
+        if self.device.type == "cpu" and cfg.train.reuse_freed_memory:
+            keep_freed_memory_for_reuse()
         self.model = build_detector(cfg.model, self.train_set.num_classes).to(self.device)
         use_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.criterion = build_criterion(self.model, cfg.model)

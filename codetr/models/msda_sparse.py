@@ -12,7 +12,8 @@ do the gathering in one call instead of L grid_sample calls, each followed by a 
 [B * H, Dh, Lq, P] tensor that autograd keeps alive for backward. The backward needs three things:
   - dL/dA at A's non-zeros: <G_row, V_col>, a sampled dense-dense product (``torch.sparse.sampled_addmm``),
     from which the chain rule gives the attention weights' and the sampling locations' gradients;
-  - dL/dV = A^T @ G: A's entries re-sorted by column (a CSR of A^T), then one more sparse product.
+  - dL/dV = A^T @ G: A's entries re-sorted by the pixel they read (a CSR of A^T), then one more sparse product
+    (``value_gradient``: the sort runs over the points' top-left corners only).
 Only the inputs are kept for backward; the corner indices and weights are recomputed there.
 
 The numbers equal ``F.grid_sample(..., mode="bilinear", padding_mode="zeros", align_corners=False)``'s
@@ -42,6 +43,8 @@ class BilinearTaps:
     y_weights: tuple[Tensor, Tensor]  # (1 - fy, fy), zeroed where that corner row is off the map
     x_valid: tuple[Tensor, Tensor]  # bool: corner column x0 / x0 + 1 on the map
     y_valid: tuple[Tensor, Tensor]  # bool: corner row y0 / y0 + 1 on the map
+    x0: Tensor  # float: the top-left corner's pixel column (floor of x), unclamped
+    y0: Tensor  # float: its pixel row
 
 
 def bilinear_taps(locations: Tensor, shapes: list[tuple[int, int]], num_values: int) -> BilinearTaps:
@@ -84,7 +87,7 @@ def bilinear_taps(locations: Tensor, shapes: list[tuple[int, int]], num_values: 
     columns = torch.empty((batch, num_queries, heads, levels, points, CORNERS), device=device, dtype=torch.int32)
     for corner, (j, i) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         torch.add(rows[j], cols[i], out=columns[..., corner])
-    return BilinearTaps(columns, x_weights, y_weights, x_valid, y_valid)
+    return BilinearTaps(columns, x_weights, y_weights, x_valid, y_valid, x0, y0)
 
 
 def corner_coefficients(taps: BilinearTaps, attention_weights: Tensor) -> Tensor:
@@ -106,18 +109,61 @@ def csr(columns: Tensor, values: Tensor, num_rows: int, num_columns: int) -> Ten
                                    check_invariants=False)
 
 
-def transpose_csr(columns: Tensor, values: Tensor, num_rows: int, num_columns: int) -> Tensor:
-    """The CSR of A^T for A = csr(columns, values): entries sorted by column, their rows become columns."""
-    per_row = columns.shape[-1]
-    flat_columns = columns.reshape(-1)
-    order = flat_columns.argsort()
-    counts = torch.bincount(flat_columns, minlength=num_columns)
-    crow = torch.cat((counts.new_zeros(1), counts.cumsum(0))).int()
-    # the row each entry came from; a shift where K is a power of two (4 levels x 4 points x 4 corners = 64)
-    shift = per_row.bit_length() - 1
-    source_rows = (order >> shift if per_row == 1 << shift else order // per_row).int()
-    return torch.sparse_csr_tensor(crow, source_rows, values.reshape(-1)[order], (num_columns, num_rows),
-                                   check_invariants=False)
+def value_gradient(taps: BilinearTaps, coefficients: Tensor, grad_rows: Tensor, shapes: list[tuple[int, int]],
+                   num_values: int) -> Tensor:
+    """dL/dV = A^T @ G, [B, Lv, H, Dh], from grad_rows G [B * Lq * H, Dh].
+
+    A^T in CSR form needs A's entries sorted by the pixel they read. Sorting the L * P points by their top-left
+    corner is enough (4x fewer keys than the entries): the other three corners are the same pixel shifted by one
+    column and / or row. Each corner's products are gathered in a map one pixel larger on the top and left (a
+    top-left corner lies in [-1, W_l - 1] x [-1, H_l - 1] whenever any corner is on the map), then shifted into
+    place; corners off the map have weight 0, so where their padded index lands does not matter.
+    """
+    batch, num_queries, heads, levels, points, _ = taps.columns.shape
+    device = grad_rows.device
+    padded_sizes = [(h + 1) * (w + 1) for h, w in shapes]
+    padded_starts = [sum(padded_sizes[:level]) for level in range(levels)]
+    padded_len = sum(padded_sizes)
+    num_padded_rows = batch * padded_len * heads
+
+    # Top-left corner's row in the padded value layout: ((b * Lp + start_l + (y0 + 1) * (W_l + 1) + x0 + 1) * H + h
+    widths = torch.tensor([w for _, w in shapes], device=device, dtype=taps.x0.dtype).view(levels, 1)
+    heights = torch.tensor([h for h, _ in shapes], device=device, dtype=taps.x0.dtype).view(levels, 1)
+    zero_or_less = torch.full((), -1.0, device=device, dtype=taps.x0.dtype)
+    px = (taps.x0.clamp(zero_or_less, widths - 1) + 1).int()
+    py = (taps.y0.clamp(zero_or_less, heights - 1) + 1).int()
+    image = torch.arange(batch, device=device, dtype=torch.int32).view(batch, 1, 1, 1, 1) * padded_len
+    starts = torch.tensor(padded_starts, device=device, dtype=torch.int32).view(levels, 1)
+    head = torch.arange(heads, device=device, dtype=torch.int32).view(1, 1, heads, 1, 1)
+    row_stride = torch.tensor([(w + 1) * heads for _, w in shapes], device=device, dtype=torch.int32).view(levels, 1)
+    keys = (py * row_stride + ((image + starts) * heads + head) + px * heads).reshape(-1)
+
+    # One CSR with the four corners' blocks stacked: [4 * padded rows, B * Lq * H]; block k holds corner k's weights
+    order = keys.argsort()
+    counts = torch.bincount(keys, minlength=num_padded_rows)
+    crow_block = torch.cat((counts.new_zeros(1), counts.cumsum(0)))
+    num_points = keys.numel()
+    crow = torch.cat([crow_block[:-1] + k * num_points for k in range(CORNERS)]
+                     + [crow_block.new_full((1,), CORNERS * num_points)]).int()
+    points_per_row = levels * points
+    shift = points_per_row.bit_length() - 1  # source row of each point; a shift where L * P is a power of two
+    source_rows = (order >> shift if points_per_row == 1 << shift else order // points_per_row).int()
+    values = coefficients.reshape(num_points, CORNERS).t()[:, order].reshape(-1)  # [4, N] -> corner blocks
+    stacked = torch.sparse_csr_tensor(crow, source_rows.repeat(CORNERS), values,
+                                      (CORNERS * num_padded_rows, grad_rows.shape[0]), check_invariants=False)
+    padded = (stacked @ grad_rows).view(CORNERS, batch, padded_len, heads, -1)
+
+    grad = grad_rows.new_zeros(batch, num_values, heads, grad_rows.shape[-1])
+    start = 0
+    for (height, width), padded_start, padded_size in zip(shapes, padded_starts, padded_sizes):
+        level_grad = grad[:, start:start + height * width].view(batch, height, width, heads, -1)
+        level_padded = padded[:, :, padded_start:padded_start + padded_size].view(
+            CORNERS, batch, height + 1, width + 1, heads, -1)
+        for corner, (dx, dy) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            # pixel (y, x) read as corner (dx, dy) by a point whose top-left corner is (y - dy, x - dx)
+            level_grad += level_padded[corner, :, 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+        start += height * width
+    return grad
 
 
 class SparseDeformableAttention(torch.autograd.Function):
@@ -151,8 +197,7 @@ class SparseDeformableAttention(torch.autograd.Function):
         grad_value = grad_locations = grad_weights = None
         coefficients = corner_coefficients(taps, attention_weights)
         if ctx.needs_input_grad[0]:
-            transposed = transpose_csr(columns, coefficients, num_rows, num_columns)
-            grad_value = (transposed @ grad_rows).view_as(value)
+            grad_value = value_gradient(taps, coefficients, grad_rows, ctx.shapes, num_values)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # dL/dA at the non-zeros: <grad of the output row, the value row each corner reads> (beta=0: A's
             # values only give the pattern)
