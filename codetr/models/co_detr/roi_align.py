@@ -68,7 +68,11 @@ def separable_roi_align(features: Tensor, rois: Tensor, output_size: int, spatia
         pooled = torch.bmm(rows.view(count, size * channels, width), wx.transpose(1, 2))
         pooled_per_image.append(pooled.view(count, size, channels, size).transpose(1, 2))
         order.append(index)
-    return torch.cat(pooled_per_image)[torch.argsort(torch.cat(order))]  # back to the RoIs' order
+    pooled = torch.cat(pooled_per_image)
+    if bool((image[1:] >= image[:-1]).all()):  # RoIs already grouped by image (the heads' order)
+        return pooled
+    # back to the RoIs' order; index_copy's backward is a gather (indexing's would be a scatter)
+    return pooled.new_empty(pooled.shape).index_copy(0, torch.cat(order), pooled)
 
 
 def axis_weights(start: Tensor, extent: Tensor, size: int, length: int, sampling_ratio: int) -> Tensor:

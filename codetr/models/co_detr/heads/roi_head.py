@@ -68,7 +68,9 @@ def multilevel_roi_align(
     if not pooled:
         return maps[0].new_zeros(0, maps[0].shape[1], output_size, output_size)
     pooled, order = torch.cat(pooled), torch.cat(order)
-    return pooled[torch.argsort(order)]  # back to the RoIs' order
+    # back to the RoIs' order: row i goes to order[i]; index_copy's backward is a gather, where
+    # pooled[argsort(order)]'s would be an accumulating scatter (~3x slower on the CPU)
+    return pooled.new_empty(pooled.shape).index_copy(0, order, pooled)
 
 
 class Shared2FCBBoxHead(nn.Module):
