@@ -11,7 +11,8 @@ ResNet-50 and no pretrained weights, on the same input (analysis.profile.synthet
 `--hf` adds Hugging Face transformers' DeformableDetr (bench/hf_peer.py); `--mmdet VENV` adds
 mmdetection 3.3's DeformableDETR, run by bench/mmdet_peer.py with VENV/bin/python (the peer venv that
 ../shared/peer/build_mmdet_peer.sh builds), which reads the batch from a file this script saves. All
-three use the FFN width `--ffn-dim` (default: the preset's model.transformer.ffn_dim). After the table
+three use the FFN width `--ffn-dim` and dropout `--dropout` (default: the preset's model.transformer values;
+the peers' own defaults are dropout 0.1, HF's FFN 1024). After the table
 come the ratios codetr / peer of train s/iter, infer s/image and train peak MB (below 1: codetr is
 faster or smaller). On the CPU codetr keeps freed memory for reuse (train.reuse_freed_memory, on by default;
 `--set train.reuse_freed_memory=false` turns it off); `--same-allocator` gives the peers that malloc setting too.
@@ -44,7 +45,8 @@ def measure_ours(args, mode: str) -> dict:
     from codetr.models.detector import build_detector
 
     device = torch.device(args.device)
-    cfg = apply_overrides(get_preset(args.preset), args.set + [f"model.transformer.ffn_dim={args.ffn_dim}"])
+    cfg = apply_overrides(get_preset(args.preset), args.set + [f"model.transformer.ffn_dim={args.ffn_dim}",
+                                                              f"model.transformer.dropout={args.dropout}"])
     if device.type == "cpu" and cfg.train.reuse_freed_memory:  # as codetr's Trainer does
         keep_freed_memory_for_reuse()
     torch.manual_seed(0)
@@ -75,7 +77,7 @@ def measure_hf(args, mode: str) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_hf_deformable_detr(args.num_classes, args.ffn_dim).to(device)
+    model = build_hf_deformable_detr(args.num_classes, args.ffn_dim, args.dropout).to(device)
     height, width = args.size
     images, masks, targets = synthetic_batch(args.batch, height, width, args.num_classes, device)
     pixel_mask = (~masks).long()
@@ -107,10 +109,11 @@ def time_steps(step, device: torch.device, args) -> dict:
             "peak_mb": peak_memory_mb(device)}
 
 
-def preset_ffn_dim(args) -> int:
+def preset_transformer(args):
+    """The preset's model.transformer config (with --set applied): the FFN width and dropout by default."""
     from codetr.config import apply_overrides, get_preset
 
-    return apply_overrides(get_preset(args.preset), args.set).model.transformer.ffn_dim
+    return apply_overrides(get_preset(args.preset), args.set).model.transformer
 
 
 def child_args(args) -> list[str]:
@@ -118,7 +121,8 @@ def child_args(args) -> list[str]:
     height, width = args.size
     options = ["--preset", args.preset, "--size", f"{height}x{width}", "--batch", args.batch,
                "--num-classes", args.num_classes, "--iters", args.iters, "--warmup", args.warmup,
-               "--device", args.device, "--threads", args.threads, "--ffn-dim", args.ffn_dim]
+               "--device", args.device, "--threads", args.threads, "--ffn-dim", args.ffn_dim,
+               "--dropout", args.dropout]
     return [str(option) for option in options] + [f"--set={item}" for item in args.set]
 
 
@@ -134,7 +138,8 @@ def mmdet_python(args) -> Path:
 def mmdet_command(args, mode: str, batch_file: Path) -> list[str]:
     options = ["--batch-file", batch_file, "--mode", mode, "--num-classes", args.num_classes,
                "--iters", args.iters, "--warmup", args.warmup, "--device", args.device,
-               "--threads", args.threads, "--ffn-dim", args.ffn_dim]
+               "--threads", args.threads, "--ffn-dim", args.ffn_dim,
+               "--dropout", args.dropout]
     return [str(mmdet_python(args)), str(Path(__file__).with_name("mmdet_peer.py"))] + [str(o) for o in options]
 
 
@@ -196,6 +201,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--ffn-dim", type=int, default=0,
                         help="FFN width of codetr and the peers (0: the preset's model.transformer.ffn_dim)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout of codetr and the peers (default: the preset's model.transformer.dropout)")
     parser.add_argument("--hf", action="store_true", help="also run HF transformers' DeformableDetr")
     parser.add_argument("--mmdet", default="", metavar="VENV",
                         help="also run mmdetection 3.3's DeformableDETR with VENV/bin/python (bench/mmdet_peer.py)")
@@ -206,7 +213,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    args.ffn_dim = args.ffn_dim or preset_ffn_dim(args)
+    transformer = preset_transformer(args)
+    args.ffn_dim = args.ffn_dim or transformer.ffn_dim
+    args.dropout = transformer.dropout if args.dropout is None else args.dropout
 
     if args.only:
         impl, mode = args.only.split(":")
@@ -232,7 +241,7 @@ def main() -> None:
 
     height, width = args.size
     print(f"preset={args.preset} size={height}x{width} batch={args.batch} device={args.device} "
-          f"threads={torch.get_num_threads()} iters={args.iters} (median) ffn_dim={args.ffn_dim}")
+          f"threads={torch.get_num_threads()} iters={args.iters} (median) ffn_dim={args.ffn_dim} dropout={args.dropout}")
     print(f"{'impl':8s} {'mode':6s} {'s/iter':>9s} {'s/image':>9s} {'img/s':>8s} {'peak MB':>9s}")
     for (impl, mode), r in results.items():
         print(f"{impl:8s} {mode:6s} {r['seconds']:9.3f} {r['per_image']:9.3f} {r['images_per_s']:8.2f} {r['peak_mb']:9.0f}")

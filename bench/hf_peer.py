@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def build_hf_deformable_detr(num_classes: int, ffn_dim: int = 2048):
+def build_hf_deformable_detr(num_classes: int, ffn_dim: int = 2048, dropout: float = 0.1):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     backbone = ResNetConfig(depths=[3, 4, 6, 3], layer_type="bottleneck", out_features=["stage2", "stage3", "stage4"])
@@ -22,6 +22,9 @@ def build_hf_deformable_detr(num_classes: int, ffn_dim: int = 2048):
         # preset's width, or its --ffn-dim) so that every side does the same work.
         encoder_ffn_dim=ffn_dim,
         decoder_ffn_dim=ffn_dim,
+        dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
     )
     model = DeformableDetrForObjectDetection(config)
     train_backbone_from_stage_2(model)

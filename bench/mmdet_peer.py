@@ -37,7 +37,7 @@ CONFIG = Path("deformable_detr") / "deformable-detr-refine-twostage_r50_16xb2-50
 NUM_QUERIES = 300
 
 
-def build_model(num_classes: int, ffn_dim: int) -> torch.nn.Module:
+def build_model(num_classes: int, ffn_dim: int, dropout: float) -> torch.nn.Module:
     import mmdet
     from mmengine.config import Config
     from mmengine.logging import MMLogger
@@ -51,6 +51,11 @@ def build_model(num_classes: int, ffn_dim: int) -> torch.nn.Module:
     cfg.bbox_head.num_classes = num_classes
     cfg.encoder.layer_cfg.ffn_cfg.feedforward_channels = ffn_dim
     cfg.decoder.layer_cfg.ffn_cfg.feedforward_channels = ffn_dim
+    for layer in (cfg.encoder.layer_cfg, cfg.decoder.layer_cfg):  # the config's 0.1 everywhere, or --dropout
+        layer.ffn_cfg.ffn_drop = dropout
+        for attention in ("self_attn_cfg", "cross_attn_cfg"):
+            if attention in layer:
+                layer[attention].dropout = dropout
     model = MODELS.build(cfg)
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every tensor at INFO
     model.init_weights()
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("train", "infer"), required=True)
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--ffn-dim", type=int, default=2048, help="encoder and decoder FFN width")
+    parser.add_argument("--dropout", type=float, default=0.1, help="every dropout of the transformer")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -157,7 +163,7 @@ def main() -> None:
     images = images.to(device)
     targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
     torch.manual_seed(0)
-    model = build_model(args.num_classes, args.ffn_dim).to(device)
+    model = build_model(args.num_classes, args.ffn_dim, args.dropout).to(device)
     samples = data_samples(targets, *images.shape[-2:])
     make_step = train_step if args.mode == "train" else infer_step
     result = time_step(make_step(model, images, samples), device, args.iters, args.warmup, len(images))
