@@ -46,7 +46,8 @@ class TransformerConfig:
     pos_temperature: float = 10000.0
     pos_offset: float = -0.5
     # How the deformable attention is computed: "sparse" (one sparse matrix product, hand-written backward),
-    # "grid_sample" (per-level grid_sample under autograd) or "auto" (sparse on the CPU, grid_sample on GPUs).
+    # "grid_sample" (per-level grid_sample under autograd) or "auto" (sparse for large calls on the CPU, else
+    # grid_sample; codetr/models/ms_deform_attn.py).
     # The numbers are the same (float round-off); it is not part of the config hash.
     attention_impl: str = "auto"
 

@@ -148,9 +148,11 @@ def test_sparse_keeps_only_its_inputs_for_backward() -> None:
     assert saved["grid_sample"] > 2 * inputs_bytes
 
 
-def test_auto_picks_sparse_on_cpu_and_names_are_checked() -> None:
-    assert resolve_attention_impl("auto", torch.device("cpu")) == "sparse"
-    assert resolve_attention_impl("auto", torch.device("cuda")) == "grid_sample"
+def test_auto_picks_sparse_for_large_cpu_calls_and_names_are_checked() -> None:
+    assert resolve_attention_impl("auto", torch.device("cpu"), num_points=2_600_000) == "sparse"  # R50 encoder
+    assert resolve_attention_impl("auto", torch.device("cpu"), num_points=400_000) == "grid_sample"  # tiny
+    assert resolve_attention_impl("auto", torch.device("cuda"), num_points=2_600_000) == "grid_sample"
+    assert resolve_attention_impl("sparse", torch.device("cpu"), num_points=10) == "sparse"
     with pytest.raises(ValueError, match="grid_sample, sparse"):
         resolve_attention_impl("triton", torch.device("cpu"))
     model = nn.Sequential(MSDeformAttn(16, 2, 2, 2), MSDeformAttn(16, 2, 2, 2))

@@ -7,8 +7,10 @@ float64 round-off and to the recorded mmcv outputs):
   - "grid_sample": ``F.grid_sample`` once per level, differentiated by autograd (mmcv's and HF's pure-PyTorch
     path); autograd keeps every level's [B*H, Dh, Lq, P] samples alive for backward.
   - "sparse": one sparse matrix product with a hand-written backward (``msda_sparse.py``) that keeps only its
-    inputs. On an R50 encoder layer (800x1216, CPU) it is ~2.5x faster forward + backward and keeps ~4x less.
-"auto" picks "sparse" on the CPU and "grid_sample" elsewhere (until measured on a GPU: bench/gpu.sh).
+    inputs. On an R50 encoder layer (800x1216, CPU) it takes the time grid_sample takes and keeps ~4x less for
+    backward (an R50 training step's peak RSS -20 to -27%); on small calls its fixed costs make it slower.
+"auto" picks "sparse" for large calls on the CPU (SPARSE_MIN_POINTS) and "grid_sample" otherwise, and on GPUs
+until measured there (bench/gpu.sh).
 
 Coordinates are normalised (x, y) in [0, 1]: (0, 0) is the top-left corner of the map and pixel
 (i, j) has its centre at ((j + 0.5) / W, (i + 0.5) / H) (``grid_sample`` with
@@ -25,14 +27,20 @@ from codetr.models.msda_sparse import sparse_deformable_attention
 
 ATTENTION_IMPLS = ("auto", "grid_sample", "sparse")
 
+# "auto" on the CPU: sparse from this many sampling points per call (B * Lq * H * L * P) on. Measured forward +
+# backward on 2 cores: an R50 encoder layer (2.6M points) sparse 0.39 s / grid_sample 0.40 s, keeping 4x less for
+# backward; a tiny-preset encoder layer (0.4M) 0.046 / 0.026 s; R50 decoder layers (<0.1M) 0.018-0.033 /
+# 0.017-0.026 s.
+SPARSE_MIN_POINTS = 1_000_000
 
-def resolve_attention_impl(impl: str, device: torch.device) -> str:
-    """The implementation "auto" stands for on `device` (see the module docstring)."""
+
+def resolve_attention_impl(impl: str, device: torch.device, num_points: int = SPARSE_MIN_POINTS) -> str:
+    """The implementation "auto" stands for on `device` for a call with `num_points` sampling points."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"deformable attention implementation must be one of {', '.join(ATTENTION_IMPLS)}, "
                          f"got {impl!r}")
     if impl == "auto":
-        return "sparse" if device.type == "cpu" else "grid_sample"
+        return "sparse" if device.type == "cpu" and num_points >= SPARSE_MIN_POINTS else "grid_sample"
     return impl
 
 
@@ -82,7 +90,8 @@ def multi_scale_deformable_attention(
         )
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
     value, sampling_locations, attention_weights = (t.to(dtype) for t in (value, sampling_locations, attention_weights))
-    if resolve_attention_impl(impl, value.device) == "sparse":
+    num_points = sampling_locations[..., 0].numel()
+    if resolve_attention_impl(impl, value.device, num_points) == "sparse":
         return sparse_deformable_attention(value, shapes, sampling_locations, attention_weights)
     return grid_sample_deformable_attention(value, shapes, sampling_locations, attention_weights)
 
@@ -96,14 +105,15 @@ def grid_sample_deformable_attention(value: Tensor, shapes: list[tuple[int, int]
     dtype = value.dtype
     n = batch * num_heads  # grid_sample batch: one map per (image, head)
 
-    # Level-major layouts so that each level's slice is contiguous; unbind (not indexing) keeps
-    # the backward to one stack instead of a full-size zero tensor per level.
+    # Level-major layouts so that each level's slice is contiguous (explicitly: with one image the reshapes
+    # below are strided views, and grid_sample and the weighting over them ran 2x slower); unbind (not
+    # indexing) keeps the backward to one stack instead of a full-size zero tensor per level.
     # [B, Lq, H, L, P, 2] -> [L, B*H, Lq, P, 2], rescaled from [0, 1] to grid_sample's [-1, 1]
     grids = (2 * sampling_locations.to(dtype) - 1).permute(3, 0, 2, 1, 4, 5)
-    grids = grids.reshape(num_levels, n, num_queries, num_points, 2).unbind(0)
+    grids = grids.reshape(num_levels, n, num_queries, num_points, 2).contiguous().unbind(0)
     # [B, Lq, H, L, P] -> [L, B*H, 1, Lq, P], broadcast over Dh
     weights = attention_weights.to(dtype).permute(3, 0, 2, 1, 4)
-    weights = weights.reshape(num_levels, n, 1, num_queries, num_points).unbind(0)
+    weights = weights.reshape(num_levels, n, 1, num_queries, num_points).contiguous().unbind(0)
 
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     out = None
