@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -409,7 +410,16 @@ def validate(cfg: Config) -> None:
          "Co-DETR checkpoint)"),
         (cfg.model.backbone.depth in (18, 34, 50, 101, 152), "model.backbone.depth", "one of 18, 34, 50, 101, 152"),
         (0 <= cfg.model.backbone.frozen_stages <= 4, "model.backbone.frozen_stages", "0..4"),
-        (t.d_model % t.num_heads == 0, "model.transformer.d_model", f"a multiple of num_heads={t.num_heads}"),
+        (t.num_heads > 0, "model.transformer.num_heads", "> 0"),
+        (t.num_heads <= 0 or t.d_model % t.num_heads == 0, "model.transformer.d_model",
+         f"a multiple of num_heads={t.num_heads}"),
+        (t.d_model > 0 and t.ffn_dim > 0 and t.num_points > 0, "model.transformer",
+         "d_model, ffn_dim and num_points > 0"),
+        (t.num_encoder_layers >= 0 and t.num_decoder_layers > 0, "model.transformer.num_decoder_layers",
+         "> 0 (and num_encoder_layers >= 0)"),
+        (cfg.model.num_classes >= 0, "model.num_classes", ">= 0 (0: the training set's categories)"),
+        (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
+        (cfg.data.test_size > 0 and cfg.data.test_max_size > 0, "data.test_size", "> 0 (and data.test_max_size > 0)"),
         (t.num_levels in (4, 5), "model.transformer.num_levels", "4 (strides 8..64) or 5 (strides 4..64)"),
         (t.attention_impl in attention_impls(), "model.transformer.attention_impl", " or ".join(attention_impls())),
         (cfg.model.architecture in ARCHITECTURES, "model.architecture", " or ".join(ARCHITECTURES)),
@@ -430,7 +440,9 @@ def validate(cfg: Config) -> None:
         (len(cfg.data.lsj_scale_range) == 2 and 0 < cfg.data.lsj_scale_range[0] <= cfg.data.lsj_scale_range[1],
          "data.lsj_scale_range", "two numbers 0 < MIN <= MAX"),
         (cfg.data.batch_size > 0, "data.batch_size", "> 0"),
-        (cfg.optim.lr > 0, "optim.lr", "> 0"),
+        (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0, "optim.lr", "a finite number > 0"),
+        *((not (isinstance(value, float) and math.isnan(value)), key, "a number, not NaN")
+          for key, value in _leaves(cfg.to_dict())),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),
         (cfg.train.ema_decay < 1.0, "train.ema_decay", "< 1"),
         (all(h in aux_head_kinds() for h in cfg.model.aux.heads), "model.aux.heads",
@@ -447,6 +459,17 @@ def validate(cfg: Config) -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={_lookup(cfg, key)!r}: expected {expected}")
+
+
+def _leaves(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict."""
+    leaves = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            leaves += _leaves(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
 
 
 def attention_impls() -> tuple[str, ...]:

@@ -23,3 +23,7 @@ class CheckpointError(CodetrError):
 
 class TrainingError(CodetrError):
     """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class DivergenceError(TrainingError, ValueError):
+    """The model diverged: a loss, a weight, a matching cost or a prediction is NaN or infinite."""

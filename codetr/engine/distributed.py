@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from codetr.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -33,9 +35,18 @@ def init_distributed(device: str = "") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device:
-        chosen = torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError:
+            raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+        if chosen.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device!r}: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
         if chosen.type == "cuda" and chosen.index is None:  # a bare "cuda": this rank's GPU
             chosen = torch.device("cuda", local_rank)
+        if chosen.type == "cuda" and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif torch.cuda.is_available():
         chosen = torch.device("cuda", local_rank)
     else:

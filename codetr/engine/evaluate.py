@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import copy
 import io
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -21,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from codetr.engine.amp import autocast_context
-from codetr.errors import ConfigError, DataError
+from codetr.errors import ConfigError, DataError, DivergenceError
 from codetr.io import atomic_write_json
 
 # In the order of COCOeval.stats.
@@ -72,6 +73,10 @@ def detections_to_coco(results: list[dict], image_ids: list[int], cat_ids: list[
             raise ValueError(
                 f"image {image_id}: {len(boxes_xyxy_abs)} boxes, {len(scores)} scores, {len(labels)} labels"
             )
+        if not (torch.isfinite(boxes_xyxy_abs).all() and all(math.isfinite(score) for score in scores)):
+            # pycocotools would score NaN boxes (a diverged model once got AP 25 %, AR 100 %)
+            raise DivergenceError(f"image {image_id}: the model predicts NaN/inf boxes or scores: its weights have "
+                                  "diverged; nothing is scored")
         boxes_xywh_abs = torch.cat([boxes_xyxy_abs[:, :2], boxes_xyxy_abs[:, 2:] - boxes_xyxy_abs[:, :2]], dim=1)
         for box, score, label in zip(boxes_xywh_abs.tolist(), scores, labels):
             if not 0 <= label < len(cat_ids):

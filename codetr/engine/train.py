@@ -31,7 +31,7 @@ from codetr.engine.distributed import DistInfo, any_rank_true, barrier, broadcas
 from codetr.engine.evaluate import evaluate, write_eval_outputs
 from codetr.engine.optim import build_optimizer, build_scheduler
 from codetr.engine.progress import TrainProgress
-from codetr.errors import CheckpointError, DataError, TrainingError
+from codetr.errors import CheckpointError, DataError, DivergenceError, TrainingError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.total_loss import weighted_total
@@ -65,7 +65,10 @@ def train_step(
     device = batch.images.device
     with autocast_context(device, cfg.train.amp):
         outputs = model(batch.images, batch.masks, batch.targets)
-    raw = criterion(outputs, batch.targets)
+    try:
+        raw = criterion(outputs, batch.targets)
+    except DivergenceError as error:  # the matcher found non-finite predictions: say where, one line
+        raise DivergenceError(f"{error} {where}; lower optim.lr").with_traceback(None) from None
     total, _ = weighted_total(raw, criterion.weights)
     if any_rank_true(not bool(torch.isfinite(total)), device):
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in raw.items())
@@ -83,6 +86,7 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    check_parameters_finite(model, where)
     record = {name: value.item() for name, value in raw.items()}
     record["loss"] = total.item()
     for branch in outputs.aux or []:  # Co-DETR: how many positives each head assigned (before the cap)
@@ -90,6 +94,20 @@ def train_step(
         record[head_stat(branch.name, "positives")] = float(sum(p for p, _ in counts))
         record[head_stat(branch.name, "gts")] = float(sum(g for _, g in counts))
     return record
+
+
+def check_parameters_finite(model: nn.Module, where: str = "") -> None:
+    """Raise DivergenceError naming the non-finite parameters, if the step made any (one fused norm per step;
+    a finite loss does not guarantee finite weights after a huge learning rate)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if torch.isfinite(torch.nn.utils.get_total_norm(parameters, foreach=True)):
+        return
+    names = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if not names:  # the norm overflowed on large but finite weights
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise DivergenceError(f"the weights diverged {where}: {len(names)} parameters hold NaN/inf after the optimizer "
+                          f"step ({shown}); lower optim.lr (the checkpoints on disk are from before)")
 
 
 class Trainer:

@@ -5,6 +5,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from codetr.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from codetr.errors import DivergenceError
 
 # Keeps log() finite when a probability is exactly 0 or 1 (Deformable-DETR's constant).
 _LOG_EPS = 1e-8
@@ -14,8 +15,8 @@ def match_cost_matrix(cost: Tensor) -> tuple[Tensor, Tensor]:
     """Minimum-cost one-to-one assignment for one image.
 
     cost: [Q, N] (queries x targets), any device. Returns (query_idx, target_idx), int64 on the
-    CPU, each of length min(Q, N), sorted by query index. Raises ValueError if the matrix holds
-    NaN or inf (scipy would fail with an obscure message, or match garbage).
+    CPU, each of length min(Q, N), sorted by query index. Raises DivergenceError (a ValueError) if the
+    matrix holds NaN or inf (scipy would fail with an obscure message, or match garbage).
     """
     num_queries, num_targets = cost.shape
     if num_queries == 0 or num_targets == 0:
@@ -23,7 +24,7 @@ def match_cost_matrix(cost: Tensor) -> tuple[Tensor, Tensor]:
         return empty, empty.clone()
     cost = cost.detach().cpu()
     if not torch.isfinite(cost).all():
-        raise ValueError(
+        raise DivergenceError(
             f"HungarianMatcher: non-finite matching cost ({int((~torch.isfinite(cost)).sum())} of "
             f"{cost.numel()} entries of a {num_queries}x{num_targets} matrix are NaN/inf); "
             "the predictions (logits or boxes) have diverged"
