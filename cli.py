@@ -115,6 +115,8 @@ def predict(
     device: str = typer.Option("", "--device"),
 ) -> None:
     """Detect objects in one image and draw them."""
+    if not 0 <= threshold <= 1:  # also refuses NaN
+        raise CodetrError(f"--threshold {threshold}: expected a score in [0, 1]")
     from codetr.engine.distributed import init_distributed
     from codetr.engine.inference import load_detector, open_image, predict_image
     from codetr.visualize import draw_detections, save_png

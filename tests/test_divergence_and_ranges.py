@@ -91,3 +91,27 @@ def test_training_that_diverges_stops_with_one_line(synth_root: Path, tmp_path: 
         "--set", "data.train_scales=[128]", "--set", "data.max_size=160", "--set", "data.augment=false"])
     assert result.exit_code == 2, result.output
     assert "diverged at epoch 0 iteration" in result.output and "Traceback" not in result.output
+
+
+def test_fresh_start_drops_a_killed_runs_log_and_temp_files(synth_root: Path, tmp_path: Path) -> None:
+    """Issue 15 defects 3 and 9: a run killed before its first checkpoint leaves log.jsonl (and maybe a
+    half-written checkpoint's temp file); starting again must not append to that log or keep the file."""
+    from codetr.engine.train import Trainer
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"epoch": 0, "iter": 0, "step": 1, "loss": 9.0}\n')
+    (out / ".last.pt.abc123.tmp").write_bytes(b"x" * 1000)
+    cfg = apply_overrides(get_preset("tiny"), [
+        f"data.root={synth_root}", "optim.epochs=1", "train.max_iters_per_epoch=2", "data.batch_size=2",
+        "data.train_scales=[128]", "data.max_size=160", "data.augment=false", "train.eval_every=0"])
+    trainer = Trainer(cfg, out, progress=False)
+    assert not (out / ".last.pt.abc123.tmp").exists()
+    assert (out / "log.jsonl").read_text() == ""
+    del trainer
+
+
+def test_predict_refuses_a_nan_threshold(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["predict", "--ckpt", str(tmp_path / "none.pt"), "--image",
+                                      str(tmp_path / "none.png"), "--out", str(tmp_path / "o.png"), "--threshold", "nan"])
+    assert result.exit_code == 2 and "--threshold nan: expected a score in [0, 1]" in result.output

@@ -96,6 +96,13 @@ def train_step(
     return record
 
 
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process left behind (.NAME.XXXX.tmp: a
+    checkpoint's can be hundreds of MB). Called when a run starts, before it writes anything."""
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def check_parameters_finite(model: nn.Module, where: str = "") -> None:
     """Raise DivergenceError naming the non-finite parameters, if the step made any (one fused norm per step;
     a finite loss does not guarantee finite weights after a huge learning rate)."""
@@ -157,6 +164,9 @@ class Trainer:
         )
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # a fresh start (step 0) drops a killed run's whole log; a resume drops what follows its checkpoint
+            self._truncate_log(self.position.step)
+            remove_stale_temp_files(self.out_dir)
             atomic_write_json(self.out_dir / "config.json", cfg.to_dict())
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -205,8 +215,6 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.dist.is_main:
-            self._truncate_log(self.position.step)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records written after the checkpoint we resume from (they will be re-run)."""
