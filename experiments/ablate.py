@@ -11,7 +11,9 @@ from pathlib import Path
 
 from codetr.config import Config, apply_overrides, epochs_overrides, get_preset
 from codetr.errors import ConfigError
-from experiments.grid import DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_grid, product_points
+from codetr.io import check_writable_dir
+from experiments.grid import (DEFAULT_EPOCHS, DEFAULT_MAX_ITERS, GridSpec, check_data, check_grid,
+                              drop_duplicate_points, product_points)
 from experiments.launchers import LaunchOptions, check_options, launch, runs_to_execute
 from experiments.params import split_values
 from experiments.store import DONE, FAILED, GridLock, open_grid
@@ -82,7 +84,11 @@ def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: 
     check_options(options)
     spec, base = resolve_base(spec, schedule or Schedule(), data)
     check_grid(spec, base)
-    out = Path(out)
+    spec, repeats = drop_duplicate_points(spec, base)
+    check_data(base)
+    out = check_writable_dir(out, "--out")
+    for note in repeats:
+        log(note)
     out.mkdir(parents=True, exist_ok=True)
     with GridLock(out):
         runs = open_grid(out, spec, base, allow_changed_base=allow_changed_base)
@@ -94,6 +100,7 @@ def run_grid(spec: GridSpec, out: Path, schedule: Schedule | None = None, data: 
         launch(todo, options, out, show_progress=show_progress)
         table = load_table(out, metrics)
         write_results(out, table)
-    # interrupted (killed by a signal) or still running elsewhere: not done, not failed
-    table.unfinished = [run.name for run in todo if run.status()["state"] not in (DONE, FAILED)]
+    # every run of the grid counts, not only those this process ran: one skipped as running elsewhere is not
+    # finished either (interrupted by a signal, or still executing in another process)
+    table.unfinished = [run.name for run in runs if run.status()["state"] not in (DONE, FAILED)]
     return table

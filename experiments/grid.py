@@ -22,6 +22,7 @@ a YAML spec holding an explicit list (the paper's lambda table is a list, not a 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -111,6 +112,28 @@ def check_grid(spec: GridSpec, base: Config) -> None:
         seen[name] = point.label()
     if spec.baseline is not None and find_point(spec, spec.baseline) is None:
         raise ConfigError(f"baseline {spec.baseline} is not one of the grid's points")
+
+
+def drop_duplicate_points(spec: GridSpec, base: Config) -> tuple[GridSpec, list[str]]:
+    """Keep the first of points that resolve to the same config (`--values 1,1.0,1e0` is one run, not three).
+    Returns the spec without the repeats and one note per dropped point."""
+    kept, notes, first_of_hash = [], [], {}
+    for point in spec.points:
+        config_hash = check_point(point.values, base).hash()
+        if config_hash in first_of_hash:
+            notes.append(f"{point.label()} is the same config as {first_of_hash[config_hash].label()}: run once")
+            continue
+        first_of_hash[config_hash] = point
+        kept.append(point)
+    return dataclasses.replace(spec, points=kept), notes
+
+
+def check_data(base: Config) -> None:
+    """The data every run reads exists (a missing --data was found only inside each worker)."""
+    from codetr.data.loaders import resolve_split
+
+    for split in ("train", "val"):
+        resolve_split(base.data, split)
 
 
 def default_baseline(points: list[GridPoint], base: Config) -> dict[str, str]:

@@ -13,7 +13,6 @@ interrupted run (no lock holder: resume it) from one still running elsewhere.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from codetr import __version__
 from codetr.config import Config
+from codetr.engine.folder_lock import FolderLock, LockBusy, RunFolderLock, is_locked  # noqa: F401 (re-exported)
 from codetr.errors import ConfigError
 from codetr.io import atomic_write_json
 from experiments.grid import GridPoint, GridSpec, default_baseline, run_name
@@ -67,73 +67,17 @@ def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return status
 
 
-def _flock(handle, path: Path, blocking: bool) -> bool:
-    """Take an exclusive flock; False if another process holds it. One clear error where the
-    filesystem has no locks (some network filesystems)."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as error:
-        raise ConfigError(f"{path}: file locks (flock) do not work on this filesystem ({error.strerror}); "
-                          f"put the grid folder on a local or flock-enabled filesystem") from None
-    return True
+class RunLock(RunFolderLock):
+    """Held by the worker executing a run. The Trainer inside it re-enters it (as a RunFolderLock); a second
+    worker, even in this process, is refused."""
+
+    reentrant = False
+    busy_message = "is being executed by another process (pid {pid})"
 
 
-def is_locked(directory: Path, name: str = ".lock") -> bool:
-    """Whether some process holds `directory/name` right now (e.g. is executing this run)."""
-    lock_file = directory / name
-    if not lock_file.exists():
-        return False
-    with open(lock_file, "a") as handle:
-        if not _flock(handle, lock_file, blocking=False):
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
-class FileLock:
-    """An exclusive lock held for the lifetime of a process (the OS releases it when the process dies).
-
-    `RunLock` guards one run (held by its worker); `GridLock` guards a grid folder (held by `ablate`).
-    A short retry lets a concurrent `is_locked` probe (which takes the lock for an instant) pass.
-    """
-
-    name = ".lock"
-    busy_message = "is being executed by another process"
-
-    def __init__(self, directory: Path, retry_s: float = 3.0):
-        self.path = Path(directory) / self.name
-        self.retry_s = retry_s
-        self.handle = None
-
-    def __enter__(self) -> "FileLock":
-        self.handle = open(self.path, "a")
-        deadline = time.monotonic() + self.retry_s
-        while not _flock(self.handle, self.path, blocking=False):
-            if time.monotonic() > deadline:
-                self.handle.close()
-                raise LockBusy(f"{self.path.parent} {self.busy_message}")
-            time.sleep(0.1)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-
-class LockBusy(ConfigError):
-    """Another process holds the lock."""
-
-
-class RunLock(FileLock):
-    name = ".lock"
-    busy_message = "is being executed by another process"
-
-
-class GridLock(FileLock):
+class GridLock(FolderLock):
     name = ".grid.lock"
-    busy_message = "is being run by another `codetr ablate` process; wait for it, or use another --out"
+    busy_message = "is being run by another `codetr ablate` process (pid {pid}); wait for it, or use another --out"
 
 
 # Written into every manifest. Grids made before it applied lambda1 to the auxiliary heads and lambda2 to
