@@ -27,3 +27,8 @@ class TrainingError(CodetrError):
 
 class DivergenceError(TrainingError, ValueError):
     """The model diverged: a loss, a weight, a matching cost or a prediction is NaN or infinite."""
+
+
+class DiskFullError(CodetrError, OSError):
+    """A write failed for lack of space (ENOSPC) or quota (EDQUOT). Still an OSError, so code that handles
+    OSError keeps doing so; the CLI prints its one line."""

@@ -18,7 +18,7 @@ from codetr.config import DataConfig
 from codetr.data.coco import CocoDetection, resolve_coco_split
 from codetr.data.collate import collate
 from codetr.data.synth import ensure_default_dataset
-from codetr.data.transforms import make_lsj_transforms, make_test_transforms, make_train_transforms
+from codetr.data.transforms import Compose, make_lsj_transforms, make_test_transforms, make_train_transforms
 from codetr.errors import DataError
 
 
@@ -41,15 +41,23 @@ def resolve_split(cfg: DataConfig, split: str) -> SplitFiles:
     return SplitFiles(image_dir, ann_file)
 
 
+def eval_transforms(cfg: DataConfig) -> Compose:
+    """The evaluation preprocessing (val split, `codetr predict --images`): the test resize (or LSJ's fixed-size
+    resize), ToTensor, Normalize. (PIL image, target) -> (float [3, H, W] normalised, target with "size")."""
+    if cfg.lsj:
+        return make_lsj_transforms(False, cfg.lsj_size, cfg.lsj_scale_range)
+    return make_test_transforms(cfg.test_size, cfg.test_max_size)
+
+
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The train split gets the paper's augmentation (unless data.augment=false), val the test resize."""
     files = resolve_split(cfg, split)
-    if cfg.lsj:
-        transforms = make_lsj_transforms(split == "train" and cfg.augment, cfg.lsj_size, cfg.lsj_scale_range)
+    if split == "train" and cfg.augment and cfg.lsj:
+        transforms = make_lsj_transforms(True, cfg.lsj_size, cfg.lsj_scale_range)
     elif split == "train" and cfg.augment:
         transforms = make_train_transforms(cfg.train_scales, cfg.max_size, cfg.crop_scales, tuple(cfg.crop_size))
     else:
-        transforms = make_test_transforms(cfg.test_size, cfg.test_max_size)
+        transforms = eval_transforms(cfg)
     return CocoDetection(files.image_dir, files.ann_file, transforms=transforms, invalid_boxes=cfg.invalid_boxes)
 
 
