@@ -141,20 +141,31 @@ class DeformableDETR(nn.Module):
         covers, target["box_extent"]). Returns per image {scores [k], labels [k]
         (contiguous), boxes [k, 4] xyxy in original-image pixels}.
         """
-        logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
-        batch, num_queries, num_classes = logits.shape
-        k = min(self.num_detections, num_queries * num_classes)
-        scores, flat_index = logits.sigmoid().flatten(1).topk(k, dim=1)
-        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-        labels = flat_index % num_classes
-        boxes = scale_boxes(torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4)), orig_sizes)
-        boxes = clip_boxes(boxes, orig_sizes)
+        scores, labels, boxes = top_detections(outputs.pred_logits, outputs.pred_boxes, orig_sizes, self.num_detections)
         results = [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
         if self.test_nms == "soft":  # Co-DINO: per-class soft-NMS on the top-k, scores decayed, re-sorted
             for result in results:
                 decayed, keep = batched_soft_nms(result["boxes"], result["scores"], result["labels"], self.test_nms_iou)
                 result.update(scores=decayed, labels=result["labels"][keep], boxes=result["boxes"][keep])
         return results
+
+
+def top_detections(logits: Tensor, boxes: Tensor, sizes_hw: Tensor, num_detections: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best `num_detections` (query, class) pairs of each image by sigmoid score (capped at Q * C), before any NMS.
+
+    logits [B, Q, C]; boxes [B, Q, 4] cxcywh normalised to each image's valid region; sizes_hw [B, 2] (h, w) the
+    boxes are scaled to. Returns scores [B, K] (descending), labels [B, K] int64 (contiguous class index) and boxes
+    [B, K, 4] xyxy in those pixels, clipped to them; float32. Tensor operations only: the exported graph runs it
+    (codetr/engine/export.py).
+    """
+    logits, boxes = logits.float(), boxes.float()
+    num_queries, num_classes = logits.shape[1], logits.shape[2]
+    k = min(num_detections, num_queries * num_classes)
+    scores, flat_index = logits.sigmoid().flatten(1).topk(k, dim=1)
+    query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+    labels = flat_index % num_classes
+    boxes = scale_boxes(torch.gather(boxes, 1, query_index[..., None].expand(-1, -1, 4)), sizes_hw)
+    return scores, labels, clip_boxes(boxes, sizes_hw)
 
 
 def build_detector(cfg: ModelConfig, num_classes: int) -> DeformableDETR:

@@ -18,6 +18,7 @@ Coordinates are normalised (x, y) in [0, 1]: (0, 0) is the top-left corner of th
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,16 @@ def resolve_attention_impl(impl: str, device: torch.device, num_points: int = SP
     return impl
 
 
-def _level_shapes(spatial_shapes: Tensor, level_start_index: Tensor | None, num_values: int) -> list[tuple[int, int]]:
-    """(H_l, W_l) per level as python ints, checked against the value length and start index."""
+def _level_shapes(spatial_shapes: Tensor, level_start_index: Tensor | None, num_values: int,
+                  level_shapes: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """(H_l, W_l) per level as python ints, checked against the value length and start index. `level_shapes`,
+    when given, are those ints already (the tensors' values are not read: torch.export cannot trace that)."""
+    if level_shapes is not None:
+        shapes = [tuple(hw) for hw in level_shapes]
+        if sum(h * w for h, w in shapes) != num_values:
+            raise ValueError(f"multi_scale_deformable_attention: value has {num_values} positions but level_shapes "
+                             f"{shapes} sum to {sum(h * w for h, w in shapes)}")
+        return shapes
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     sizes = [h * w for h, w in shapes]
     if sum(sizes) != num_values:
@@ -70,6 +79,7 @@ def multi_scale_deformable_attention(
     attention_weights: Tensor,
     level_start_index: Tensor | None = None,
     impl: str = "auto",
+    level_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     """Weighted sum of bilinearly sampled values over levels and points.
 
@@ -79,10 +89,11 @@ def multi_scale_deformable_attention(
     attention_weights: [B, Lq, H, L, P] (normally a softmax over L*P per head).
     level_start_index: [L], optional; if given it must equal the cumulative level sizes.
     impl: one of ATTENTION_IMPLS.
+    level_shapes: optional, spatial_shapes' values as Python ints (then the tensor's values are not read).
     Returns [B, Lq, H*Dh] (heads concatenated), in the promoted dtype of the three inputs.
     """
     num_values, num_levels = value.shape[1], sampling_locations.shape[3]
-    shapes = _level_shapes(spatial_shapes, level_start_index, num_values)
+    shapes = _level_shapes(spatial_shapes, level_start_index, num_values, level_shapes)
     if len(shapes) != num_levels:
         raise ValueError(
             f"multi_scale_deformable_attention: spatial_shapes has {len(shapes)} levels but "
@@ -203,6 +214,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Tensor,
         level_start_index: Tensor | None = None,
         value_padding_mask: Tensor | None = None,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Attend from queries to the multi-scale value maps.
 
@@ -210,6 +222,7 @@ class MSDeformAttn(nn.Module):
         reference_points: [B, Lq, L, 2] normalised (x, y), or [B, Lq, L, 4] normalised (cx, cy, w, h).
         value: [B, Lv, C], levels flattened and concatenated; spatial_shapes: [L, 2] (H_l, W_l);
         level_start_index: [L] optional. value_padding_mask: [B, Lv] bool, True = padding, or None.
+        level_shapes: optional, spatial_shapes' values as Python ints (FlatFeatures.level_shapes).
         Returns [B, Lq, C].
         """
         batch, num_queries, _ = query.shape
@@ -232,7 +245,8 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         locations = sampling_locations_from_offsets(reference_points, offsets, spatial_shapes)
 
-        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, level_start_index, self.impl)
+        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights, level_start_index, self.impl,
+                                               level_shapes)
         return self.output_proj(out)
 
 

@@ -31,19 +31,36 @@ class FlatFeatures:
     level_start_index: Tensor  # [L] int64
     valid_ratios: Tensor  # [B, L, 2] (w, h) fraction of each map that is not padding
     strides: tuple[int, ...] = (8, 16, 32, 64)  # each level's stride in input pixels
+    # (H_l, W_l) per level as Python ints, the values of spatial_shapes: code that needs them as sizes reads
+    # these, since reading a tensor's values is data-dependent under torch.export (codetr/engine/export.py)
+    level_shapes: tuple[tuple[int, int], ...] = ()
+
+    def shapes_hw(self) -> list[tuple[int, int]]:
+        """(H_l, W_l) per level as Python ints (from `level_shapes`, else read off `spatial_shapes`)."""
+        return list(self.level_shapes) or [(int(h), int(w)) for h, w in self.spatial_shapes.tolist()]
 
 
 def flatten_levels(maps: list[Tensor], masks: list[Tensor], pos: list[Tensor], level_embed: Tensor,
                    strides: tuple[int, ...] = (8, 16, 32, 64)) -> FlatFeatures:
     """maps[l]: [B, C, H_l, W_l], masks[l]: [B, H_l, W_l] (True = pad), pos[l]: [B, C, H_l, W_l]; strides: per
     level, in input pixels."""
-    shapes = torch.as_tensor([m.shape[-2:] for m in maps], dtype=torch.long, device=maps[0].device)
+    level_shapes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
+    shapes = shape_tensor(level_shapes, maps[0].device)
     starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
     tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
     pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[l] for l, p in enumerate(pos)], 1)
     padding = torch.cat([m.flatten(1) for m in masks], 1)
     valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
-    return FlatFeatures(tokens, pos_flat, padding, shapes, starts, valid_ratios, tuple(strides))
+    return FlatFeatures(tokens, pos_flat, padding, shapes, starts, valid_ratios, tuple(strides), level_shapes)
+
+
+def shape_tensor(level_shapes: tuple[tuple[int, int], ...], device: torch.device) -> Tensor:
+    """[L, 2] int64 (H_l, W_l). Symbolic sizes (torch.export with dynamic shapes) are stacked one by one:
+    torch.as_tensor would fix them to the traced example's values."""
+    if all(isinstance(size, int) for hw in level_shapes for size in hw):
+        return torch.as_tensor(level_shapes, dtype=torch.long, device=device)
+    return torch.stack([torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=device) for size in hw])
+                        for hw in level_shapes])
 
 
 def valid_ratio(mask: Tensor) -> Tensor:
@@ -89,7 +106,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, feats: FlatFeatures, reference_points: Tensor) -> Tensor:
         attended = self.self_attn(
-            x + feats.pos, reference_points, x, feats.spatial_shapes, feats.level_start_index, feats.padding_mask
+            x + feats.pos, reference_points, x, feats.spatial_shapes, feats.level_start_index, feats.padding_mask,
+            level_shapes=feats.level_shapes or None,
         )
         x = self.norm1(x + self.dropout(attended))
         return self.norm2(x + self.ffn(x))
@@ -99,7 +117,7 @@ def token_centres(feats: FlatFeatures) -> list[Tensor]:
     """Per level, every token's pixel centre as (x, y) normalised to each image's valid region:
     [B, H_l * W_l, 2]; tokens in the padding get values above 1."""
     centres = []
-    for level, (height, width) in enumerate(feats.spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(feats.shapes_hw()):
         ratios = feats.valid_ratios[:, level]  # [B, 2] (w, h)
         ys, xs = torch.meshgrid(
             torch.arange(height, device=ratios.device, dtype=torch.float32) + 0.5,
@@ -107,7 +125,10 @@ def token_centres(feats: FlatFeatures) -> list[Tensor]:
             indexing="ij",
         )
         pixels = torch.stack((xs.flatten(), ys.flatten()), -1)[None]  # [1, HW, 2]
-        centres.append(pixels / (ratios[:, None] * torch.tensor([width, height], device=ratios.device)))
+        # (valid w * W_l, valid h * H_l) as two products, not times torch.tensor([W_l, H_l]): the same float32
+        # numbers, and under torch.export with dynamic shapes the sizes stay symbolic
+        extent = torch.stack((ratios[:, 0] * width, ratios[:, 1] * height), -1)  # [B, 2]
+        centres.append(pixels / extent[:, None])
     return centres
 
 
@@ -156,7 +177,8 @@ class DecoderLayer(nn.Module):
         attended = self.self_attn(q, k, x, attn_mask=self_attn_mask, need_weights=False)[0]
         x = self.norm1(x + self.dropout(attended))
         attended = self.cross_attn(
-            x + query_pos, reference_points, memory, feats.spatial_shapes, feats.level_start_index, feats.padding_mask
+            x + query_pos, reference_points, memory, feats.spatial_shapes, feats.level_start_index, feats.padding_mask,
+            level_shapes=feats.level_shapes or None,
         )
         x = self.norm2(x + self.dropout(attended))
         return self.norm3(x + self.ffn(x))
