@@ -43,8 +43,25 @@ def user_errors(command: Callable) -> Callable:
             # escape: a message quoting a value such as heads=[atss,fcos] must not be read as rich markup
             console.print(f"[bold red]error:[/] {escape(one_line(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:  # Ctrl-C: say how to go on, exit 130 as shells expect
+            console.print(f"interrupted{resume_hint(command.__name__)}", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def resume_hint(command_name: str) -> str:
+    """How to continue an interrupted command (written results are never lost: writes are atomic)."""
+    import shlex
+
+    typed = "codetr " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    if command_name == "train":
+        again = typed if "--resume" in sys.argv else typed + " --resume"
+        return f"; continue from the last checkpoint with: {again}"
+    if command_name == "ablate":
+        return (f"; finished runs are kept, and running the same command again resumes the others from their last "
+                f"checkpoint: {typed}")
+    return ""
 
 
 def resolve_config(preset: str, overrides: list[str], data: Optional[Path], epochs: Optional[int]):
@@ -71,7 +88,9 @@ def train(
 ) -> None:
     """Train a detector (under `torchrun --nproc_per_node N` it trains with DDP)."""
     from codetr.engine.train import train as run_training
+    from codetr.io import check_writable_dir
 
+    check_writable_dir(out, "--out")
     cfg = resolve_config(preset, overrides, data, epochs)
     metrics = run_training(cfg, out, resume=resume, device=device)
     if metrics:
@@ -109,18 +128,35 @@ def evaluate_command(
 @user_errors
 def predict(
     ckpt: Path = typer.Option(..., "--ckpt"),
-    image: Path = typer.Option(..., "--image"),
-    out: Path = typer.Option(..., "--out", help="PNG to write."),
-    threshold: float = typer.Option(0.3, "--threshold", help="Draw detections scoring at least this."),
+    image: Optional[Path] = typer.Option(None, "--image", help="One image: its detections are drawn to the PNG --out."),
+    images: Optional[str] = typer.Option(None, "--images", help="A folder or a quoted glob ('dir/**/*.jpg'): writes OUT/detections.json (COCO results, as `codetr eval`'s)."),
+    out: Path = typer.Option(..., "--out", help="--image: the PNG to write; --images: the output folder."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="--images: take image ids from this COCO file's images (matched on file_name); default: 1..N in file-name order, listed in OUT/images.json."),
+    draw: bool = typer.Option(False, "--draw", help="--images: also draw each image to OUT/drawn/<name>.png."),
+    threshold: float = typer.Option(0.3, "--threshold", help="Draw detections scoring at least this (detections.json keeps all)."),
     device: str = typer.Option("", "--device"),
 ) -> None:
-    """Detect objects in one image and draw them."""
+    """Detect objects in one image and draw them, or in a folder of images and write COCO results."""
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise CodetrError(f"--threshold {threshold}: expected a score in [0, 1]")
+    if (image is None) == (images is None):
+        given = "give --image or --images, not both" if image is not None else "give --image IMG or --images DIR_OR_GLOB"
+        raise CodetrError(f"{given} (--image: one image drawn to the PNG --out; --images: COCO results in the folder --out)")
+    if images is not None:
+        from codetr.engine.batch_predict import run_batch_predict
+
+        done = run_batch_predict(ckpt, images, out, ann, threshold if draw else None, device, console)
+        for line in done.summary():
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+        return
+    if ann is not None or draw:
+        raise CodetrError("--ann and --draw go with --images, not with --image")
     from codetr.engine.distributed import init_distributed
     from codetr.engine.inference import load_detector, open_image, predict_image
+    from codetr.io import check_writable_file
     from codetr.visualize import draw_detections, save_png
 
+    check_writable_file(out, "--out")  # before the model runs
     detector = load_detector(ckpt, init_distributed(device).device)
     picture = open_image(image)
     result = predict_image(detector, picture)
@@ -354,7 +390,9 @@ def data_synth(
 ) -> None:
     """Write a deterministic COCO-format dataset of rendered objects (COCO 2017 folder layout)."""
     from codetr.data.synth import generate_synthetic_coco
+    from codetr.io import check_writable_dir
 
+    check_writable_dir(out, "--out")
     path = generate_synthetic_coco(out, num_train=num_train, num_val=num_val, seed=seed)
     console.print(f"wrote {num_train} train + {num_val} val images to {path}")
 
@@ -527,6 +565,31 @@ def instability_command(
     paths = write_instability(out, frame, settings)
     Console().print(instability_table(frame))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True, highlight=False)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint file (e.g. RUN/last.pt; a released .pth too)."),
+    out: Path = typer.Option(..., "--out", help="File to write: .onnx, .pt2 (torch.export) or, with --weights-only, .pt."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="onnx, torch-export or weights; default: read off --out (.onnx, .pt2)."),
+    weights_only: bool = typer.Option(False, "--weights-only", help="Write a checkpoint with the model weights alone (same as --format weights)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw weights even if EMA weights exist."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Also run the export on this image (onnxruntime / the .pt2 program) and print its largest differences from PyTorch."),
+) -> None:
+    """Export the deployed detector (ONNX, torch.export) or a weights-only checkpoint.
+
+    The graph is the one-to-one detector (EMA weights if present) with the pure-PyTorch deformable attention and the top-k post-processing; batch, height and width are dynamic (each side at least the largest stride + 1: 65 px).
+
+    Inputs: images [B,3,H,W] float32, normalised as the test transform does (ImageNet mean/std), zero padding; masks [B,H,W] bool, True = padding; orig_sizes [B,2] float32, the (h, w) the boxes are scaled to (the original image's size).
+
+    Outputs: scores [B,K] descending; labels [B,K] int64 class index; boxes [B,K,4] xyxy in orig_sizes pixels; logits [B,Q,C] and pred_boxes [B,Q,4] (cxcywh normalised) of the last decoder layer. K = model.num_detections; Co-DINO's soft-NMS is not in the graph. Class names, category ids, resize and normalisation: the ONNX metadata, or codetr.json in a .pt2.
+
+    A weights-only checkpoint drops the optimizer, scheduler and RNG states (and the raw or EMA copy): every --ckpt command loads it, train --resume refuses it."""
+    from codetr.engine.export import run_export
+
+    for line in run_export(ckpt, out, fmt, weights_only, not no_ema, image):
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 def print_metrics(metrics: dict[str, float]) -> None:

@@ -231,6 +231,12 @@ class TrainConfig:
     # On the CPU, glibc's malloc keeps freed memory for reuse instead of unmapping it (no page faults on every
     # step's large tensors: ~20% faster R50 steps, a few % more peak RSS; codetr/engine/memory.py). Not hashed.
     reuse_freed_memory: bool = True
+    # Gradient accumulation: micro-batches of data.batch_size per optimizer step (effective batch = batch_size x
+    # processes x accumulate_steps). An iteration (log record, max_iters_per_epoch, checkpoint_every) is one
+    # optimizer step; epochs and the lr schedule are unchanged. Hashed unless 1 (older runs keep their hash).
+    accumulate_steps: int = 1
+    # TensorBoard event files of the log.jsonl scalars in RUN/tb/ (codetr/engine/tensorboard_log.py). Not hashed.
+    tensorboard: bool = True
 
 
 @dataclass
@@ -249,7 +255,8 @@ class Config:
         settings count only where they are used (model.method unless "auto", model.hybrid for h_detr, model.group
         for group_detr), so every config from before the switch keeps its hash and its grid folders resume. The
         execution settings that do not change the numbers (model.transformer.attention_impl,
-        train.activation_checkpointing, train.reuse_freed_memory) are left out."""
+        train.activation_checkpointing, train.reuse_freed_memory, train.tensorboard) are left out, and
+        train.accumulate_steps counts only when it is not 1 (so runs from before it keep their hash)."""
         values = self.to_dict()
         model = values["model"]
         method = resolved_method(self.model)
@@ -258,6 +265,9 @@ class Config:
         del model["transformer"]["attention_impl"]  # how the numbers are computed, not what they are
         del values["train"]["activation_checkpointing"]
         del values["train"]["reuse_freed_memory"]
+        del values["train"]["tensorboard"]
+        if self.train.accumulate_steps == 1:
+            del values["train"]["accumulate_steps"]
         for section, user in (("hybrid", "h_detr"), ("group", "group_detr")):
             if method != user:
                 del model[section]
@@ -445,6 +455,7 @@ def validate(cfg: Config) -> None:
           for key, value in _leaves(cfg.to_dict())),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),
         (cfg.train.ema_decay < 1.0, "train.ema_decay", "< 1"),
+        (cfg.train.accumulate_steps >= 1, "train.accumulate_steps", ">= 1 (micro-batches per optimizer step)"),
         (all(h in aux_head_kinds() for h in cfg.model.aux.heads), "model.aux.heads",
          f"a list of {', '.join(aux_head_kinds())}"),
         *method_checks(cfg.model),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import random
@@ -368,6 +369,8 @@ def test_write_eval_outputs_round_trip(tmp_path):
         tmp_path / "eval", metrics, records, extra={"checkpoint": tmp_path / "ckpt.pth", "epoch": 3}
     )
     written = json.loads(metrics_path.read_text())
+    recorded_hash = written.pop("detections_sha256")
+    assert recorded_hash == hashlib.sha256(detections_path.read_bytes()).hexdigest()
     assert written == {**metrics, "checkpoint": str(tmp_path / "ckpt.pth"), "epoch": 3}
     # detections.json is a valid COCO results file reproducing the same metrics.
     reloaded = json.loads(detections_path.read_text())

@@ -153,10 +153,12 @@ def convert_file(path: str | Path, source: str | None = None) -> ConvertedCheckp
 
 def load_any_checkpoint(path: str | Path) -> dict[str, Any]:
     """A codetr checkpoint as it is, or a foreign one (Sense-X, mmdet 3.x) converted in memory."""
-    from codetr.engine.checkpoint import load_checkpoint
+    from codetr.engine.checkpoint import IncompleteCheckpoint, load_checkpoint
 
     try:
         return load_checkpoint(path)
+    except IncompleteCheckpoint:
+        raise  # a codetr checkpoint with keys missing: not a foreign file
     except CheckpointError as codetr_error:
         if not Path(path).is_file():
             raise codetr_error from None

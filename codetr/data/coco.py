@@ -70,16 +70,42 @@ def _load_json(ann_file: Path) -> dict:
     return dataset
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _index_entries(entries: list, required: tuple[str, ...], kind: str, ann_file: Path) -> dict[int, dict]:
-    """id -> entry for the "images" or "categories" list, checking required keys and unique ids."""
+    """id -> entry for the "images", "categories" or "annotations" list: required keys, integer and unique ids.
+    A duplicate annotation id matters too: pycocotools indexes ground truth by id, so evaluation would silently
+    keep one of the two."""
+    if not entries and kind != "annotations":
+        raise DataError(f"{ann_file}: '{kind}' is empty: expected at least one entry")
     by_id: dict[int, dict] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or any(k not in entry for k in required):
             raise DataError(f"{ann_file}: {kind}[{i}] must be an object with keys {list(required)}, got {entry!r:.200}")
+        if not _is_int(entry["id"]):
+            raise DataError(f"{ann_file}: {kind}[{i}] has id {entry['id']!r}: expected an integer")
         if entry["id"] in by_id:
-            raise DataError(f"{ann_file}: duplicate {kind} id {entry['id']!r}")
+            raise DataError(f"{ann_file}: duplicate {kind} id {entry['id']!r} ({kind}[{i}])")
+        if kind == "images":
+            _check_image_entry(entry, ann_file)
         by_id[entry["id"]] = entry
     return by_id
+
+
+def _check_image_entry(image: dict, ann_file: Path) -> None:
+    """An image's size must be positive integers and its file a plain path inside the image folder."""
+    where = f"{ann_file}: image {image['id']}"
+    for key in ("width", "height"):
+        if not _is_int(image[key]) or image[key] <= 0:
+            raise DataError(f"{where}: {key} {image[key]!r}: expected a positive integer")
+    name = image["file_name"]
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{where}: file_name {name!r}: expected a file name relative to the image folder")
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts:  # would read a file outside the dataset
+        raise DataError(f"{where}: file_name {name!r} must stay inside the image folder (no absolute path, no '..')")
 
 
 def _check_bbox(ann: dict, image: dict, ann_file: Path) -> str | None:
@@ -173,6 +199,7 @@ class CocoDetection(Dataset):
             raise DataError(f"image folder not found: {self.image_dir} (images of {self.ann_file})")
         images = _index_entries(dataset["images"], _IMAGE_KEYS, "images", self.ann_file)
         categories = _index_entries(dataset["categories"], _CATEGORY_KEYS, "categories", self.ann_file)
+        _index_entries(dataset["annotations"], _ANNOTATION_KEYS, "annotations", self.ann_file)
         kept, num_dropped = _validate_annotations(
             dataset["annotations"], images, categories, self.ann_file, invalid_boxes
         )
@@ -211,6 +238,10 @@ class CocoDetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def num_boxes(self) -> int:
+        """The number of ground-truth boxes the targets hold (crowd and dropped boxes left out)."""
+        return sum(len(labels) for _, labels in self._targets.values())
 
     def get_image_info(self, idx: int) -> dict:
         """The COCO "images" entry (id, file_name, width, height, ...) of sample `idx`."""

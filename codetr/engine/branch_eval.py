@@ -108,9 +108,11 @@ def evaluate_checkpoint(ckpt: Path, data: Path | None, overrides: list[str], dev
     from codetr.engine.distributed import init_distributed
     from codetr.engine.evaluate import evaluate_branches, write_eval_outputs
     from codetr.engine.inference import load_detector
+    from codetr.io import check_writable_dir
 
     info = init_distributed(device)
     detector = load_detector(ckpt, info.device, use_ema=use_ema, deploy=not needs_aux(requested))
+    check_writable_dir(out if out is not None else Path(ckpt).parent, "--out")  # before, not after, the evaluation
     branches = resolve_branches(detector.model, requested)
     extra = [f"data.root={data}"] if data is not None else []
     data_cfg = apply_overrides(detector.cfg, extra + list(overrides)).data

@@ -12,6 +12,11 @@ from codetr.errors import CheckpointError
 from codetr.io import atomic_torch_save
 
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "config", "num_classes", "cat_ids", "class_names")  # what rebuilding the detector reads
+
+
+class IncompleteCheckpoint(CheckpointError):
+    """A file shaped like a codetr checkpoint ('model' and 'config') that lacks what rebuilding the model needs."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -33,6 +38,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {file}: {reason}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a codetr checkpoint (expected keys 'model' and 'config')")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing or not isinstance(state["model"], dict) or not isinstance(state["config"], dict):
+        raise IncompleteCheckpoint(f"{file}: a codetr checkpoint holds a 'model' state dict, a 'config' dict and "
+                                   f"{', '.join(REQUIRED_KEYS[2:])}; this one "
+                                   + (f"lacks {', '.join(missing)}" if missing else "has other types there"))
     return state
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import copy
+import hashlib
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from codetr.engine.amp import autocast_context
 from codetr.errors import ConfigError, DataError, DivergenceError
-from codetr.io import atomic_write_json
+from codetr.io import atomic_write_bytes, atomic_write_json
 
 # In the order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -211,6 +213,21 @@ def _merge_per_image(per_image_per_rank: list[dict[int, list[dict]]]) -> dict[in
     return merged
 
 
+def forward_batch(model: nn.Module, batch: Any, device: torch.device, use_amp: bool) -> tuple[Any, Tensor]:
+    """The evaluation's forward pass of one Batch already on `device` (also `codetr predict --images`).
+
+    Returns (outputs of `model(images, masks)`, in float32 also under AMP; orig_sizes [B, 2] (h, w) to
+    post-process with: the original pixels the (unpadded) input covers; with LSJ the padded square's extent
+    ("box_extent"), as mmdet's use_lsj scales and clips to the padded input).
+    """
+    with autocast_context(device, use_amp):  # the same dtype as in training
+        outputs = model(batch.images, batch.masks)
+    if use_amp:
+        outputs = _to_float32(outputs)
+    orig_sizes = torch.stack([torch.as_tensor(t.get("box_extent", t["orig_size"])) for t in batch.targets]).to(device)
+    return outputs, orig_sizes
+
+
 # (outputs of `model(images, masks)`, masks [B, H, W] True = pad, orig_sizes [B, 2] (h, w)) -> per image
 # {"scores" [K], "labels" [K] contiguous, "boxes" [K, 4] xyxy abs pixels of the original image}
 Postprocess = Callable[[Any, Tensor, Tensor], list[dict]]
@@ -279,13 +296,7 @@ def evaluate_branches(
         task = bar.add_task("eval", total=_loader_length(data_loader))
         for batch in data_loader:
             batch = batch.to(device)
-            with autocast_context(device, use_amp):  # the same dtype as in training
-                outputs = model(batch.images, batch.masks)
-            if use_amp:
-                outputs = _to_float32(outputs)
-            # [B, 2] (h, w): the original pixels the (unpadded) input covers; with LSJ the padded square's
-            # extent ("box_extent"), as mmdet's use_lsj scales and clips to the padded input.
-            orig_sizes = torch.stack([torch.as_tensor(t.get("box_extent", t["orig_size"])) for t in batch.targets]).to(device)
+            outputs, orig_sizes = forward_batch(model, batch, device, use_amp)
             image_ids = [int(t["image_id"]) for t in batch.targets]
             for name, postprocess in postprocessors.items():
                 results = postprocess(outputs, batch.masks, orig_sizes)
@@ -328,7 +339,23 @@ def write_eval_outputs(
         raise ValueError(f"extra keys {clashes} would overwrite metrics of the same name")
     metrics_path = out_dir / f"metrics{suffix}.json"
     detections_path = out_dir / f"detections{suffix}.json"
-    atomic_write_json(metrics_path, {**{k: float(v) for k, v in metrics.items()}, **extra})
+    # Two files cannot be replaced in one atomic step. The detections go first, and metrics.json, written last,
+    # records their hash: a kill between the two leaves a pair that `check_eval_outputs` sees does not match.
     # No indentation: COCO-sized result lists are hundreds of thousands of records.
-    atomic_write_json(detections_path, detections, indent=None)
+    detections_bytes = (json.dumps(detections) + "\n").encode("utf-8")
+    atomic_write_bytes(detections_path, detections_bytes)
+    atomic_write_json(metrics_path, {**{k: float(v) for k, v in metrics.items()}, **extra,
+                                     DETECTIONS_HASH_KEY: hashlib.sha256(detections_bytes).hexdigest()})
     return metrics_path, detections_path
+
+
+DETECTIONS_HASH_KEY = "detections_sha256"
+
+
+def check_eval_outputs(metrics_path: Path, detections_path: Path) -> None:
+    """Raise DataError unless `detections_path` is the file `metrics_path` was computed from (by its hash)."""
+    recorded = json.loads(Path(metrics_path).read_text()).get(DETECTIONS_HASH_KEY)
+    actual = hashlib.sha256(Path(detections_path).read_bytes()).hexdigest()
+    if recorded != actual:
+        raise DataError(f"{detections_path} is not the detections {metrics_path} was computed from (the writing "
+                        "process was killed between the two files?): evaluate again")

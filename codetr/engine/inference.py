@@ -12,7 +12,7 @@ from codetr.data.collate import collate
 from codetr.data.transforms import make_lsj_transforms, make_test_transforms
 from codetr.convert import load_any_checkpoint
 from codetr.engine.checkpoint import load_model_state
-from codetr.errors import DataError
+from codetr.errors import CheckpointError, DataError
 from codetr.models.detector import TRAINING_ONLY_PREFIXES, DeformableDETR, build_detector
 
 
@@ -39,6 +39,9 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
     weights = state["model"]
     if use_ema and state.get("ema"):
         weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    elif not use_ema and (state.get("weights_only") or {}).get("weights") == "ema":  # `codetr export --weights-only`
+        raise CheckpointError(f"{ckpt} is a weights-only export of the EMA weights: the raw weights (--no-ema, "
+                              "instability without --ema) are in the full checkpoint, or export with --no-ema")
     if deploy:  # whatever the method, the deployed model is the one-to-one baseline
         cfg.model.aux.heads = []
         cfg.model.method = "deformable_detr"
@@ -46,10 +49,13 @@ def load_detector(ckpt: str | Path, device: torch.device | str = "cpu", use_ema:
     model = build_detector(cfg.model, state["num_classes"])
     load_model_state(model, weights, source=str(ckpt))
     model.to(device).eval()
-    return LoadedDetector(model, cfg, list(state["cat_ids"]), list(state["class_names"]), state["position"]["epoch"])
+    return LoadedDetector(model, cfg, list(state["cat_ids"]), list(state["class_names"]),
+                          (state.get("position") or {}).get("epoch", 0))
 
 
 def open_image(path: str | Path) -> PIL.Image.Image:
+    """The RGB image in `path`, fully decoded (as the evaluation's dataset reads it); DataError naming the file if
+    it is missing, truncated, corrupt or too large to decode safely."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"image not found: {file}")
@@ -57,7 +63,7 @@ def open_image(path: str | Path) -> PIL.Image.Image:
         with PIL.Image.open(file) as image:
             image.load()
             return image.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError) as error:
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {file}: {error}") from None
 
 

@@ -1,20 +1,30 @@
 """Training: the loop, checkpoints every epoch (and optionally every N iterations), exact resume.
 
+An iteration is one optimizer step: with train.accumulate_steps = A it runs A micro-batches of data.batch_size
+(gradient accumulation), and max_iters_per_epoch, checkpoint_every and log.jsonl's iter / step count those
+steps. An epoch is still one pass over the data (A times fewer iterations) and the lr drops are per epoch.
+
 Layout of an output directory:
     config.json        the resolved config
     log.jsonl          one record per iteration (every raw loss term, the weighted total, lr, time),
-                       plus {"event": "eval", ...} records
+                       plus {"event": "eval", ...} records and one {"event": "start", ...} per (re)start
+                       (the effective batch)
+    tb/                the same scalars as TensorBoard event files (train.tensorboard)
     last.pt            the latest checkpoint; epoch_XXX.pt after each epoch
     metrics.json       the latest evaluation
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import sys
 import time
+import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -28,9 +38,11 @@ from codetr.engine.amp import autocast_context, needs_grad_scaler
 from codetr.engine.memory import keep_freed_memory_for_reuse
 from codetr.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from codetr.engine.distributed import DistInfo, any_rank_true, barrier, broadcast_from_main, gather_objects, init_distributed
+from codetr.engine.folder_lock import RunFolderLock
 from codetr.engine.evaluate import evaluate, write_eval_outputs
 from codetr.engine.optim import build_optimizer, build_scheduler
 from codetr.engine.progress import TrainProgress
+from codetr.engine.tensorboard_log import TensorBoardLog
 from codetr.errors import CheckpointError, DataError, DivergenceError, TrainingError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion, build_criterion
@@ -52,16 +64,58 @@ class Position:
 def train_step(
     model: nn.Module,
     criterion: SetCriterion,
-    batch: Batch,
+    batch: Batch | Sequence[Batch],
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     scaler: torch.amp.GradScaler | None = None,
     where: str = "",
 ) -> dict[str, float]:
-    """One forward + backward + optimizer step. Returns the raw loss terms and `loss` (weighted total).
+    """One optimizer step: forward + backward of `batch`, or of each micro-batch of a gradient-accumulation step
+    (a sequence of batches), then one update. Returns the raw loss terms and `loss` (weighted total): for
+    micro-batches their means (the big batch's values, see below) and the heads' assignment counts summed.
 
-    A non-finite total on any rank raises TrainingError on every rank before any weight changes.
+    Micro-batches make one big batch: their box-normalised losses all divide by the mean box count of the
+    micro-batches (SetCriterion.shared_box_count) and each gradient by their number, as DDP averages over ranks;
+    under DDP all but the last skip the all-reduce (no_sync). A non-finite total on any rank raises TrainingError
+    on every rank before any weight changes.
     """
+    batches = [batch] if isinstance(batch, Batch) else list(batch)
+    count = len(batches)
+    # a single batch divides by its own boxes, exactly as before accumulation existed
+    box_count = sum(len(t["labels"]) for b in batches for t in b.targets) / count if count > 1 else None
+    optimizer.zero_grad(set_to_none=True)
+    losses, counts = [], []
+    with criterion.shared_box_count(box_count):
+        for index, micro in enumerate(batches):
+            at = f"{where} (micro-batch {index + 1} of {count})" if count > 1 else where
+            with gradient_sync(model, index == count - 1):
+                micro_losses, micro_counts = forward_backward(model, criterion, micro, cfg, scaler, at, count)
+            losses.append(micro_losses)
+            counts.append(micro_counts)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.optim.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    check_parameters_finite(model, where)
+    return {**mean_values(losses), **{key: sum(c[key] for c in counts) for key in counts[0]}}
+
+
+def forward_backward(
+    model: nn.Module,
+    criterion: SetCriterion,
+    batch: Batch,
+    cfg: Config,
+    scaler: torch.amp.GradScaler | None,
+    where: str,
+    share: int = 1,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward, losses and backward of one (micro-)batch, its gradient divided by `share` (the micro-batches of
+    the step). Returns (raw terms and `loss`, the heads' assignment counts)."""
     device = batch.images.device
     with autocast_context(device, cfg.train.amp):
         outputs = model(batch.images, batch.masks, batch.targets)
@@ -73,27 +127,30 @@ def train_step(
     if any_rank_true(not bool(torch.isfinite(total)), device):
         terms = ", ".join(f"{k}={v.item():.4g}" for k, v in raw.items())
         raise TrainingError(f"non-finite loss {where}: loss={total.item():.4g}; {terms}")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-    else:
-        total.backward()
-    if cfg.optim.clip_max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    check_parameters_finite(model, where)
+    scaled = total / share if share > 1 else total
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
     record = {name: value.item() for name, value in raw.items()}
     record["loss"] = total.item()
+    counts = {}
     for branch in outputs.aux or []:  # Co-DETR: how many positives each head assigned (before the cap)
-        counts = branch.assignment_counts()
-        record[head_stat(branch.name, "positives")] = float(sum(p for p, _ in counts))
-        record[head_stat(branch.name, "gts")] = float(sum(g for _, g in counts))
-    return record
+        assigned = branch.assignment_counts()
+        counts[head_stat(branch.name, "positives")] = float(sum(p for p, _ in assigned))
+        counts[head_stat(branch.name, "gts")] = float(sum(g for _, g in assigned))
+    return record, counts
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> ContextManager[Any]:
+    """DDP's no_sync() unless `sync`: accumulated micro-batches all-reduce their gradients once, on the last."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def mean_values(records: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's mean over the records (one record: its own values, unchanged)."""
+    if len(records) == 1:
+        return records[0]
+    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:
@@ -120,18 +177,27 @@ def check_parameters_finite(model: nn.Module, where: str = "") -> None:
 class Trainer:
     """Holds everything one training run needs; `run()` trains to the configured number of epochs."""
 
+    tb: TensorBoardLog | None = None  # rank 0's TensorBoard writer while `run()` runs (train.tensorboard)
+
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, device: str = "", progress: bool = True):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.dist: DistInfo = init_distributed(device)
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
+        # one process trains into a folder: a second `codetr train --out` on it stops here (rank 0 holds it)
+        self.folder_lock = RunFolderLock(self.out_dir).acquire() if self.dist.is_main else None
+        if self.folder_lock is not None:
+            weakref.finalize(self, self.folder_lock.release)
         last = self.out_dir / "last.pt"
         if last.exists() and not resume:
             raise CheckpointError(f"{last} exists: pass --resume to continue that run, or choose another --out")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
         self.train_set = build_dataset(cfg.data, "train")
+        if self.train_set.num_boxes() == 0:  # it would "train" on background only and report AP 0
+            raise DataError(f"{self.train_set.ann_file}: no usable annotations (the 'annotations' list is empty or "
+                            "every box is crowd or dropped): nothing to train on")
         self.val_set = build_dataset(cfg.data, "val")
         if self.val_set.cat_ids != self.train_set.cat_ids:
             raise DataError(
@@ -194,10 +260,16 @@ class Trainer:
             save_checkpoint(self.out_dir / "last.pt", state)
             if epoch_file and self.cfg.train.keep_epoch_checkpoints:
                 save_checkpoint(self.out_dir / f"epoch_{self.position.epoch:03d}.pt", state)
+            if self.tb is not None:  # the event files reach the checkpoint, as log.jsonl does
+                self.tb.flush()
         barrier()
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
+        if state.get("weights_only") or "optimizer" not in state:  # `codetr export --weights-only`: nothing to resume
+            raise CheckpointError(f"cannot resume from {path}: it holds model weights only (a weights-only export or a "
+                                  "converted checkpoint: no optimizer, scheduler or RNG state); resume from the run's "
+                                  "full checkpoint, or start a new run")
         load_model_state(self.model, state["model"], source=str(path))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -227,7 +299,11 @@ class Trainer:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by the interrupt
-            if record.get("step", 0) <= step and not (record.get("event") == "eval" and record["epoch"] > self.position.epoch):
+            if record.get("event") == "start":  # a (re)start's record: kept if training went on from it
+                keep = record["from_step"] < step
+            else:
+                keep = record.get("step", 0) <= step and not (record.get("event") == "eval" and record["epoch"] > self.position.epoch)
+            if keep:
                 kept.append(line)
         atomic_write_text(log, "".join(line + "\n" for line in kept))
 
@@ -238,9 +314,15 @@ class Trainer:
             with open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def effective_batch(self) -> int:
+        """Images per optimizer step over all processes: batch_size x world size x accumulate_steps."""
+        return self.cfg.data.batch_size * self.dist.world_size * self.cfg.train.accumulate_steps
+
     def iterations_per_epoch(self) -> int:
+        """Optimizer steps per epoch: this rank's batches grouped by accumulate_steps (the last group may be
+        short), at most train.max_iters_per_epoch."""
         per_rank = math.ceil(len(self.seeded_set) / self.dist.world_size)
-        full = math.ceil(per_rank / self.cfg.data.batch_size)
+        full = math.ceil(math.ceil(per_rank / self.cfg.data.batch_size) / self.cfg.train.accumulate_steps)
         limit = self.cfg.train.max_iters_per_epoch
         return min(full, limit) if limit > 0 else full
 
@@ -248,24 +330,29 @@ class Trainer:
         epoch = self.position.epoch
         total_iters = self.iterations_per_epoch()
         self.seeded_set.epoch = epoch
-        self.sampler.set_epoch(epoch, skip=self.position.iteration * self.cfg.data.batch_size)
+        accumulate = self.cfg.train.accumulate_steps
+        self.sampler.set_epoch(epoch, skip=self.position.iteration * accumulate * self.cfg.data.batch_size)
         self.ddp_model.train()
         progress.start_epoch(epoch, total_iters, done=self.position.iteration)
         tick = time.perf_counter()
-        for batch in self.loader:
-            if self.position.iteration >= total_iters:
+        micro_batches = iter(self.loader)
+        while self.position.iteration < total_iters:
+            group = [batch.to(self.device) for batch in itertools.islice(micro_batches, accumulate)]
+            if not group:
                 break
-            batch = batch.to(self.device)
             where = f"at epoch {epoch} iteration {self.position.iteration}"
-            record = train_step(self.ddp_model, self.criterion, batch, self.optimizer, self.cfg, self.scaler, where)
+            record = train_step(self.ddp_model, self.criterion, group, self.optimizer, self.cfg, self.scaler, where)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.position.iteration += 1
             self.position.step += 1
             elapsed = time.perf_counter() - tick
             tick = time.perf_counter()
-            self._log({"epoch": epoch, "iter": self.position.iteration - 1, "step": self.position.step,
-                       "lr": self.optimizer.param_groups[0]["lr"], "time": elapsed, **record})
+            record = {"epoch": epoch, "iter": self.position.iteration - 1, "step": self.position.step,
+                      "lr": self.optimizer.param_groups[0]["lr"], "time": elapsed, **record}
+            self._log(record)
+            if self.tb is not None:
+                self.tb.iteration(record)
             progress.advance(record)
             every = self.cfg.train.checkpoint_every
             if every > 0 and self.position.iteration % every == 0 and self.position.iteration < total_iters:
@@ -283,6 +370,8 @@ class Trainer:
             extra = {"epoch": self.position.epoch, "checkpoint": str(self.out_dir / "last.pt")}
             write_eval_outputs(self.out_dir, metrics, detections, extra=extra)
             self._log({"event": "eval", "epoch": self.position.epoch, "step": self.position.step, **metrics})
+            if self.tb is not None:
+                self.tb.evaluation(metrics, self.position.step)
         return metrics
 
     def _eval_due(self) -> bool:
@@ -295,7 +384,30 @@ class Trainer:
             return -1
         return int(json.loads(metrics_file.read_text()).get("epoch", -1))
 
+    def _announce_start(self) -> None:
+        """A log.jsonl record per (re)start stating the effective batch (on stderr too, with the progress bar)."""
+        batch, world, accumulate = self.cfg.data.batch_size, self.dist.world_size, self.cfg.train.accumulate_steps
+        self._log({"event": "start", "epoch": self.position.epoch, "iter": self.position.iteration,
+                   "from_step": self.position.step, "batch_size": batch, "world_size": world,
+                   "accumulate_steps": accumulate, "effective_batch": self.effective_batch()})
+        if self.progress and (world > 1 or accumulate > 1):  # otherwise it is just data.batch_size
+            print(f"effective batch {self.effective_batch()} = {batch} per process x {world} process(es) x "
+                  f"{accumulate} accumulated micro-batch(es) per optimizer step", file=sys.stderr)
+
     def run(self) -> dict[str, float]:
+        """Train to the configured number of epochs (TensorBoard event files in RUN/tb/ unless train.tensorboard
+        is false); returns the last evaluation's metrics."""
+        if self.dist.is_main and self.cfg.train.tensorboard:
+            self.tb = TensorBoardLog(self.out_dir / "tb", resumed_step=self.position.step)
+        try:
+            self._announce_start()
+            return self._train()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+    def _train(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         epochs = self.cfg.optim.epochs
         # An interrupt between an epoch's checkpoint and its evaluation: evaluate now.
@@ -316,4 +428,9 @@ class Trainer:
 
 def train(cfg: Config, out_dir: Path, resume: bool = False, device: str = "", progress: bool = True) -> dict[str, float]:
     """Train (or resume) a run into `out_dir`; returns the last evaluation's metrics."""
-    return Trainer(cfg, out_dir, resume=resume, device=device, progress=progress).run()
+    trainer = Trainer(cfg, out_dir, resume=resume, device=device, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.folder_lock is not None:
+            trainer.folder_lock.release()

@@ -1,6 +1,7 @@
 """ResNet backbone with frozen BatchNorm, returning C3..C5 (strides 8, 16, 32) or C2..C5 (4..32)."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -62,12 +63,20 @@ def load_pretrained_resnet(resnet: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"model.backbone.pretrained: no file at {file}")
+    expected_file = "expected a torchvision ResNet state dict saved with torch.save (e.g. resnet50-0676ba61.pth)"
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
+    except pickle.UnpicklingError:  # random bytes, or a pickle of objects (refused unread)
+        raise CheckpointError(f"model.backbone.pretrained: cannot read {file}: not a torch file of tensors; "
+                              f"{expected_file}") from None
     except Exception as error:  # a truncated or non-torch file
-        raise CheckpointError(f"model.backbone.pretrained: cannot read {file}: {error}") from None
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(f"model.backbone.pretrained: cannot read {file}: {reason}; {expected_file}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"model.backbone.pretrained: {file} holds a {type(state).__name__}, not a dict of "
+                              f"tensors; {expected_file}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = {k for k in resnet.state_dict() if not k.startswith("fc.")}
     missing = sorted(expected - set(state))

@@ -9,6 +9,9 @@ Weights (and lambda1 / lambda2) are applied once, in codetr/models/total_loss.py
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -101,6 +104,10 @@ def detection_losses(
 class SetCriterion(nn.Module):
     """Hungarian-matched losses on every decoder layer and on the encoder proposals."""
 
+    # Target boxes per process that the box-normalised losses divide by; None: each batch's own count
+    # (set through `shared_box_count` by gradient accumulation).
+    box_count: float | None = None
+
     def __init__(self, num_classes: int, cfg: ModelConfig, aux_head_weights: dict[str, dict[str, float]] | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -113,6 +120,25 @@ class SetCriterion(nn.Module):
             focal_alpha=self.cfg.focal_alpha,
             focal_gamma=self.cfg.focal_gamma,
         )
+
+    @contextmanager
+    def shared_box_count(self, box_count: float | None) -> Iterator[None]:
+        """Inside, the one-to-one losses (dec.*, enc.*) and H-DETR's / Group-DETR's (o2m.*, grp.*) divide by
+        `box_count` boxes per process (averaged over ranks as usual) instead of by the batch's own count.
+        Gradient accumulation passes the mean over its micro-batches, so that the micro-batches' losses,
+        averaged, are the big batch's: the Hungarian losses' normaliser is known from the targets alone. The
+        other normalisers (DINO's denoising copies, Co-DETR's positives) depend on each micro-batch's forward
+        and stay per micro-batch."""
+        previous, self.box_count = self.box_count, box_count
+        try:
+            yield
+        finally:
+            self.box_count = previous
+
+    def box_normalizer(self, targets: list[dict[str, Tensor]], device: torch.device, repeats: int = 1) -> Tensor:
+        """The Hungarian losses' normaliser: `repeats` x the target boxes per process, averaged over ranks."""
+        count = float(sum(len(t["labels"]) for t in targets)) if self.box_count is None else self.box_count
+        return synced_count(repeats * count, device)
 
     def matched_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], num_boxes: Tensor) -> dict[str, Tensor]:
         logits, boxes = logits.float(), boxes.float()
@@ -129,7 +155,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: DetectorOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """targets: per image {labels [N] int64, boxes [N, 4] cxcywh normalised}."""
-        num_boxes = num_boxes_normalizer(targets, outputs.pred_logits.device)
+        num_boxes = self.box_normalizer(targets, outputs.pred_logits.device)
         losses: dict[str, Tensor] = {}
         for layer, (logits, boxes) in enumerate(outputs.layers):
             for name, value in self.matched_losses(logits, boxes, targets, num_boxes).items():
@@ -166,7 +192,7 @@ class SetCriterion(nn.Module):
         k), normalised by the repeated boxes averaged over ranks, as the one-to-one loss is by its own."""
         k = extra.target_repeats
         repeated = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
-        normalizer = num_boxes_normalizer(repeated, extra.layers[0][0].device)
+        normalizer = self.box_normalizer(targets, extra.layers[0][0].device, repeats=k)
         losses: dict[str, Tensor] = {}
         for layer, (logits, boxes) in enumerate(extra.layers):
             blocks = zip(logits.chunk(extra.num_blocks, 1), boxes.chunk(extra.num_blocks, 1))
