@@ -51,3 +51,24 @@ def co_tiny_pp_ckpt(synth_root, tmp_path_factory) -> Path:
 def tiny_ckpt(synth_root, tmp_path_factory) -> Path:
     """A `tiny` (plain Deformable-DETR, no auxiliary heads) checkpoint trained for a few iterations on `synth_root`."""
     return train_fixture_checkpoint("tiny", synth_root, tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and on a busy 2-core machine two threads wait on
+    each other (measured: a step of 2 x 1 images 0.3 s with one thread, 3-11 s with two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a gloo process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 with accumulation resumes exactly, and the config checks and hash."""
 import json
 import os
-import socket
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from codetr.engine.train import Trainer, train_step
 from codetr.errors import ConfigError, TrainingError
 from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.detector import build_detector
+from tests.conftest import free_port
 
 FAST = ["data.num_workers=0", "model.num_queries=20", "model.num_detections=20", "model.transformer.dropout=0"]
 # Updates agree to float32 round-off (summation order): measured 7e-7 to 6e-6 of the largest update (1 or 2 threads).
@@ -27,13 +27,8 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two threads wait
-    on each other (measured: a step of 2 x 1 images 0.3 s with one thread, 3-11 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """These tests run with one intra-op thread (see conftest.one_thread)."""
 
 
 def synthetic_batch(counts: tuple[int, ...], num_classes: int = 3, seed: int = 7) -> Batch:
@@ -237,9 +232,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_file: str) -> None:
 
 @pytest.mark.slow
 def test_accumulation_under_two_process_ddp_equals_one_process_on_the_whole_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out_file = str(tmp_path / "ddp.pt")
     mp.start_processes(_ddp_worker, args=(2, port, out_file), nprocs=2, join=True, start_method="spawn")
     whole_update, _ = one_step(tiny_cfg(), synthetic_batch((1, 3, 2, 0)))

@@ -83,10 +83,9 @@ def test_forked_children_do_not_inherit_the_lock(tmp_path: Path) -> None:
         "import os, sys, time\n"
         "from codetr.engine.folder_lock import RunFolderLock\n"
         f"RunFolderLock({str(tmp_path)!r}).acquire()\n"
-        "child = os.fork()\n"
-        "if child == 0:\n"
-        "    time.sleep(60); os._exit(0)\n"
-        "print(child, flush=True); time.sleep(60)\n"
+        "if os.fork() == 0:  # the fork hooks have run once fork returns in the child\n"
+        "    print(os.getpid(), flush=True); time.sleep(60); os._exit(0)\n"
+        "time.sleep(60)\n"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())

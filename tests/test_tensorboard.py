@@ -19,13 +19,8 @@ SMALL = ["data.train_scales=[128]", "data.max_size=160", "data.test_size=128", "
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two threads wait
-    on each other (measured: a step of 2 x 1 images 0.3 s with one thread, 3-11 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """These tests run with one intra-op thread (see conftest.one_thread)."""
 
 
 def expected_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
