@@ -50,6 +50,13 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def check_writable_out(out: Path, file: bool = False) -> None:
+    """Refuse an unusable --out (a file where a folder is expected, under a file, unwritable) before any work."""
+    from codetr.io import check_writable_dir, check_writable_file
+
+    (check_writable_file if file else check_writable_dir)(out, "--out")
+
+
 def resume_hint(command_name: str) -> str:
     """How to continue an interrupted command (written results are never lost: writes are atomic)."""
     import shlex
@@ -88,9 +95,8 @@ def train(
 ) -> None:
     """Train a detector (under `torchrun --nproc_per_node N` it trains with DDP)."""
     from codetr.engine.train import train as run_training
-    from codetr.io import check_writable_dir
 
-    check_writable_dir(out, "--out")
+    check_writable_out(out)
     cfg = resolve_config(preset, overrides, data, epochs)
     metrics = run_training(cfg, out, resume=resume, device=device)
     if metrics:
@@ -178,6 +184,7 @@ def convert_command(
     """Convert a released checkpoint to an ordinary codetr checkpoint (read without running its pickle code).
 
     Every command's --ckpt also takes the foreign file directly (converted in memory)."""
+    check_writable_out(out, file=True)
     from codetr.convert import convert_file, describe_skipped
     from codetr.engine.checkpoint import save_checkpoint
 
@@ -348,6 +355,7 @@ def conflicts_command(
     A checkpoint without auxiliary heads is an error.
     """
     from analysis.conflict_plots import plot_conflict_matrices
+    check_writable_out(out)
     from analysis.conflicts import (ConflictOptions, analyze_checkpoint, conflict_options, conflict_table,
                                     write_conflicts)
     from analysis.figures import save_figure
@@ -390,9 +398,8 @@ def data_synth(
 ) -> None:
     """Write a deterministic COCO-format dataset of rendered objects (COCO 2017 folder layout)."""
     from codetr.data.synth import generate_synthetic_coco
-    from codetr.io import check_writable_dir
 
-    check_writable_dir(out, "--out")
+    check_writable_out(out)
     path = generate_synthetic_coco(out, num_train=num_train, num_val=num_val, seed=seed)
     console.print(f"wrote {num_train} train + {num_val} val images to {path}")
 
@@ -414,6 +421,7 @@ def iof_iob_command(
 ) -> None:
     """IoF-IoB curves (Co-DETR's feature discriminability): how well the encoder features, and the decoder's
     attention, separate the ground-truth boxes from the background; with the area under each curve."""
+    check_writable_out(out)
     from rich.table import Table
 
     from analysis.iof_iob import AGGREGATES, run_iof_iob, write_iof_iob
@@ -463,6 +471,8 @@ def positives_command(
 ) -> None:
     """Positive samples per ground-truth box of each auxiliary head's one-to-many assignment (before the
     300-query cap), as sum(pos)/sum(gt) and as the mean of per-image ratios."""
+    if out is not None:
+        check_writable_out(out)
     from rich.table import Table
 
     from analysis.positives import run_positives, write_positives
@@ -499,6 +509,8 @@ def profile_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write profile.csv and profile.json here."),
 ) -> None:
     """Training cost per config, like the paper's cost table: s/iter (median), x baseline, peak memory."""
+    if out is not None:
+        check_writable_out(out)
     from rich.table import Table
 
     from analysis.profile import parse_size, profile_configs, write_profile
@@ -508,6 +520,9 @@ def profile_command(
     repeated = sorted({name for name in preset if preset.count(name) > 1})
     if repeated:
         raise ConfigError(f"--preset {repeated[0]} is given twice")
+    for flag, value in (("--num-classes", num_classes), ("--iters", iters), ("--batch", batch or 1)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: expected >= 1")
     configs = [(name, resolve_config(name, overrides, None, None)) for name in preset]
     first = configs[0][1]
     size_hw = parse_size(size if size is not None else f"{first.data.test_size}x{first.data.test_size}")
@@ -548,6 +563,7 @@ def instability_command(
     """Matching instability IS (Co-DETR Fig. 5, DN-DETR's definition): per pair of consecutive checkpoints, the
     ground-truth boxes the Hungarian matching gives to a different query (mean per image, and as a fraction)."""
     from analysis.instability import instability_table, resolve_runs, run_instability, write_instability
+    check_writable_out(out)
     from codetr.engine.distributed import init_distributed
 
     grid_runs = []

@@ -153,6 +153,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ConfigError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 256x256") from None
     if height < 32 or width < 32:
         raise ConfigError(f"--size {text!r}: both sides must be at least 32 pixels")
+    if height > 4096 or width > 4096:  # larger inputs exhaust memory (a transformer over every stride-8 token)
+        raise ConfigError(f"--size {text!r}: both sides must be at most 4096 pixels")
     return height, width
 
 

@@ -454,7 +454,6 @@ def validate(cfg: Config) -> None:
         *((not (isinstance(value, float) and math.isnan(value)), key, "a number, not NaN")
           for key, value in _leaves(cfg.to_dict())),
         (cfg.optim.epochs > 0, "optim.epochs", "> 0"),
-        (cfg.train.ema_decay < 1.0, "train.ema_decay", "< 1"),
         (cfg.train.accumulate_steps >= 1, "train.accumulate_steps", ">= 1 (micro-batches per optimizer step)"),
         (all(h in aux_head_kinds() for h in cfg.model.aux.heads), "model.aux.heads",
          f"a list of {', '.join(aux_head_kinds())}"),
@@ -466,10 +465,40 @@ def validate(cfg: Config) -> None:
         (cfg.model.aux.rcnn_fc_channels > 0, "model.aux.rcnn_fc_channels", "> 0"),
         (1 <= cfg.model.aux.min_queries <= cfg.model.aux.max_queries, "model.aux.min_queries", "1 <= min_queries <= max_queries"),
         (cfg.model.aux.head_pos_embed in ("scalar", "vector", "none"), "model.aux.head_pos_embed", "scalar, vector or none"),
+        *((_finite_at_least(_lookup(cfg, key), 0), key, "a finite number >= 0") for key in NON_NEGATIVE_KEYS),
+        (_finite_at_least(cfg.optim.lr_drop_factor, 0) and cfg.optim.lr_drop_factor > 0, "optim.lr_drop_factor",
+         "a finite number > 0 (the lr is multiplied by it at each drop)"),
+        (all(epoch > 0 for epoch in cfg.optim.lr_drop_epochs), "optim.lr_drop_epochs", "epochs > 0"),
+        (0 <= cfg.model.loss.focal_alpha <= 1, "model.loss.focal_alpha", "in [0, 1]"),
+        (0 <= t.dropout < 1, "model.transformer.dropout", "a probability in [0, 1)"),
+        (0 <= cfg.train.ema_decay < 1, "train.ema_decay", "in [0, 1)"),
+        (0 <= cfg.train.seed < 2**63, "train.seed", "an integer in [0, 2^63)"),
+        (math.isfinite(cfg.model.denoising.box_noise), "model.denoising.box_noise", "a finite number > 0"),
+        (len(cfg.data.train_scales) > 0 and min(cfg.data.train_scales, default=0) > 0, "data.train_scales",
+         "a non-empty list of short sides > 0"),
+        (len(cfg.data.crop_scales) > 0 and min(cfg.data.crop_scales, default=0) > 0, "data.crop_scales",
+         "a non-empty list of short sides > 0"),
+        (cfg.data.max_size > 0, "data.max_size", "> 0"),
+        (len(cfg.data.crop_size) != 2 or 0 < cfg.data.crop_size[0] <= cfg.data.crop_size[1], "data.crop_size",
+         "two integers 0 < MIN <= MAX"),
     ]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}={_lookup(cfg, key)!r}: expected {expected}")
+
+
+# Weights, multipliers, counts and periods that make no sense below zero (0 switches most of them off).
+NON_NEGATIVE_KEYS = (
+    "optim.weight_decay", "optim.lr_backbone_mult", "optim.lr_linear_proj_mult", "optim.clip_max_norm",
+    "model.loss.cls_weight", "model.loss.bbox_weight", "model.loss.giou_weight", "model.loss.focal_gamma",
+    "model.loss.match_cost_class", "model.loss.match_cost_bbox", "model.loss.match_cost_giou", "model.loss.qfl_beta",
+    "model.aux.lambda1", "model.aux.lambda2", "model.hybrid.weight", "train.max_iters_per_epoch",
+    "train.eval_every", "train.checkpoint_every",
+)
+
+
+def _finite_at_least(value: Any, lowest: float) -> bool:
+    return math.isfinite(value) and value >= lowest
 
 
 def _leaves(values: dict, prefix: str = "") -> list[tuple[str, Any]]:

@@ -188,6 +188,8 @@ def load_spec(path: Path) -> tuple[GridSpec, dict[str, Any]]:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: grid file not found") from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: expected a YAML grid file (UTF-8 text): {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict):

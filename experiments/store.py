@@ -48,16 +48,27 @@ class RunRecord:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """A grid file's JSON object (every file of the store holds one), `default` when it does not exist."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         return default
-    except json.JSONDecodeError as error:
+    except NotADirectoryError:
+        raise ConfigError(f"{path.parent} is not a folder; expected a grid folder written by `codetr ablate`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ConfigError(f"{path}: corrupt JSON ({error}); move it away to start that part afresh") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got a {type(value).__name__}; move it away to start that "
+                          "part afresh")
+    return value
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    return read_json(run_dir / "status.json", {"state": PENDING})
+    status = read_json(run_dir / "status.json", {"state": PENDING})
+    if not isinstance(status.get("metrics") or {}, dict) or "state" not in status:
+        raise ConfigError(f"{run_dir / 'status.json'}: expected a status written by `codetr ablate` (a state and a "
+                          "metrics object); move it away to re-run that run")
+    return status
 
 
 def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -206,6 +217,10 @@ def grid_runs(root: Path) -> tuple[dict[str, Any], list[RunRecord]]:
     if manifest is None:
         raise ConfigError(f"{root}: no manifest.json here; expected a folder written by `codetr ablate`")
     check_loss_convention(manifest, root / "manifest.json")
+    missing = [key for key in ("points", "seeds", "params", "base") if key not in manifest]
+    if missing:
+        raise ConfigError(f"{root / 'manifest.json'}: lacks {', '.join(missing)}; expected a manifest written by "
+                          "`codetr ablate`")
     runs = []
     for item in manifest["points"]:
         point = GridPoint.from_record(item)

@@ -154,3 +154,85 @@ def test_ablate_checks_data_before_anything_runs(tmp_path: Path) -> None:
                                       "--out", str(tmp_path / "grid")])
     assert_one_error_line(result, str(missing))
     assert not (tmp_path / "grid" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.weight_decay=-1", "optim.weight_decay"),  # was torch's ValueError traceback at the first step
+    ("model.transformer.dropout=1.5", "model.transformer.dropout"),
+    ("data.crop_size=[0,0]", "data.crop_size"),  # ZeroDivisionError in a DataLoader worker
+    ("data.crop_size=[160,101]", "data.crop_size"),
+    ("train.seed=99999999999999999999", "train.seed"),  # torch.manual_seed overflow
+    ("train.ema_decay=-1", "train.ema_decay"),
+    ("data.train_scales=[]", "data.train_scales"),
+    ("data.crop_scales=[]", "data.crop_scales"),
+    ("model.aux.lambda1=-1", "model.aux.lambda1"),
+    ("optim.clip_max_norm=-1", "optim.clip_max_norm"),
+    ("optim.lr_drop_factor=-0.1", "optim.lr_drop_factor"),
+    ("optim.lr_drop_epochs=[-1]", "optim.lr_drop_epochs"),
+    ("model.loss.focal_alpha=2", "model.loss.focal_alpha"),
+    ("model.denoising.box_noise=inf", "model.denoising.box_noise"),
+])
+def test_config_values_out_of_range_are_one_line(override: str, key: str) -> None:
+    result = CliRunner().invoke(app, ["config", "--preset", "co_tiny", "--set", override])
+    assert_one_error_line(result, key, "expected")
+
+
+def test_num_classes_below_the_datasets_categories(synth_root: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", "--data", str(synth_root), "--out", str(tmp_path / "run"), *QUICK,
+                                      "--set", "model.num_classes=2"])  # was an IndexError inside the loss
+    assert_one_error_line(result, "model.num_classes=2", "categories")
+
+
+def _set_first_annotation(key, value):
+    def edit(dataset):
+        dataset["annotations"][0][key] = value
+    return edit
+
+
+MORE_ANNOTATION_CASES = {
+    "iscrowd a string": _set_first_annotation("iscrowd", "yes"),  # pycocotools' int() traceback in evaluation
+    "area a string": _set_first_annotation("area", "big"),  # a TypeError in COCOeval
+    "category_id a float": _set_first_annotation("category_id", 1.0),
+    "image_id a bool": _set_first_annotation("image_id", True),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_ANNOTATION_CASES))
+def test_more_bad_annotation_values(case: str, synth_root: Path, tmp_path: Path) -> None:
+    data, ann_file = dataset_with(synth_root, tmp_path / "data", "val", MORE_ANNOTATION_CASES[case])
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *QUICK])
+    assert_one_error_line(result, str(ann_file), case.split()[0])
+
+
+def test_json_nested_too_deeply(synth_root: Path, tmp_path: Path) -> None:
+    data, ann_file = dataset_with(synth_root, tmp_path / "data", "train", lambda d: None)
+    ann_file.write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError in the json module
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *QUICK])
+    assert_one_error_line(result, str(ann_file), "nested too deeply")
+
+
+def test_analysis_commands_check_out_before_loading(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pt")
+    out = str(_a_file(tmp_path))
+    for args in (["iof-iob", "--ckpt", missing], ["conflicts", "--ckpt", missing], ["positives", "--ckpt", missing],
+                 ["instability", "--ckpt", missing, "--ckpt", missing], ["profile", "--preset", "tiny"]):
+        result = CliRunner().invoke(app, [*args, "--out", out])
+        assert_one_error_line(result, out, "is not a folder")
+    under_a_file = f"{out}/converted.pt"  # convert writes a file: an existing file is fine, a path under one is not
+    assert_one_error_line(CliRunner().invoke(app, ["convert", missing, "--out", under_a_file]), under_a_file)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("[]", "expected a JSON object, got a list"),
+    ("{}", "lacks points, seeds, params, base"),
+])
+def test_table_of_a_damaged_grid(content: str, expected: str, tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(content)
+    assert_one_error_line(CliRunner().invoke(app, ["table", str(tmp_path)]), "manifest.json", expected)
+    assert_one_error_line(CliRunner().invoke(app, ["table", _a_file(tmp_path).as_posix()]), "is not a folder")
+
+
+def test_binary_grid_file(tmp_path: Path) -> None:
+    spec = tmp_path / "grid.yaml"
+    spec.write_bytes(b"\x00\xcf\xff" * 100)
+    assert_one_error_line(CliRunner().invoke(app, ["ablate", "--grid", str(spec)]), str(spec), "YAML")

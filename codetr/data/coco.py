@@ -59,6 +59,8 @@ def _load_json(ann_file: Path) -> dict:
         raise DataError(f"{ann_file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
     except UnicodeDecodeError as e:
         raise DataError(f"{ann_file}: not valid JSON: not UTF-8 text (byte {e.start})") from e
+    except RecursionError:
+        raise DataError(f"{ann_file}: not a COCO file: JSON nested too deeply to read") from None
     if not isinstance(dataset, dict):
         raise DataError(f"{ann_file}: top level must be a JSON object with keys {list(_TOP_LEVEL_KEYS)}")
     missing = [k for k in _TOP_LEVEL_KEYS if k not in dataset]
@@ -136,6 +138,14 @@ def _validate_annotations(annotations: list, images: dict[int, dict], categories
                 f"{ann_file}: annotations[{i}] must be an object with keys {list(_ANNOTATION_KEYS)}, got {ann!r:.200}"
             )
         where = f"annotation {ann['id']} (image {ann['image_id']})"
+        for key in ("image_id", "category_id"):
+            if not _is_int(ann[key]):
+                raise DataError(f"{ann_file}: {where}: {key} {ann[key]!r}: expected an integer id")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), (bool, float)):
+            raise DataError(f"{ann_file}: {where}: iscrowd {ann['iscrowd']!r}: expected 0 or 1")
+        area = ann.get("area", 0)
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+            raise DataError(f"{ann_file}: {where}: area {area!r}: expected a finite number >= 0 (pixels)")
         if ann["image_id"] not in images:
             raise DataError(f"{ann_file}: {where} refers to an image id that is not in 'images'")
         if ann["category_id"] not in categories:

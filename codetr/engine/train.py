@@ -43,7 +43,7 @@ from codetr.engine.evaluate import evaluate, write_eval_outputs
 from codetr.engine.optim import build_optimizer, build_scheduler
 from codetr.engine.progress import TrainProgress
 from codetr.engine.tensorboard_log import TensorBoardLog
-from codetr.errors import CheckpointError, DataError, DivergenceError, TrainingError
+from codetr.errors import CheckpointError, ConfigError, DataError, DivergenceError, TrainingError
 from codetr.io import atomic_write_json, atomic_write_text
 from codetr.models.criterion import SetCriterion, build_criterion
 from codetr.models.total_loss import weighted_total
@@ -195,6 +195,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
         self.train_set = build_dataset(cfg.data, "train")
+        if 0 < cfg.model.num_classes < self.train_set.num_classes:  # labels past the classifier: an IndexError later
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes}: {self.train_set.ann_file} has "
+                              f"{self.train_set.num_classes} categories; expected >= {self.train_set.num_classes} "
+                              "(or 0: the training set's count)")
         if self.train_set.num_boxes() == 0:  # it would "train" on background only and report AP 0
             raise DataError(f"{self.train_set.ann_file}: no usable annotations (the 'annotations' list is empty or "
                             "every box is crowd or dropped): nothing to train on")
@@ -294,11 +298,13 @@ class Trainer:
         if not log.exists():
             return
         kept = []
-        for line in log.read_text().splitlines():
+        for line in log.read_text(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line torn by the interrupt
+                continue  # a line torn by the interrupt (or damaged: dropped, it is not ours to keep)
+            if not isinstance(record, dict):
+                continue
             if record.get("event") == "start":  # a (re)start's record: kept if training went on from it
                 keep = record["from_step"] < step
             else:
