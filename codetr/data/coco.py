@@ -143,9 +143,6 @@ def _validate_annotations(annotations: list, images: dict[int, dict], categories
                 raise DataError(f"{ann_file}: {where}: {key} {ann[key]!r}: expected an integer id")
         if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), (bool, float)):
             raise DataError(f"{ann_file}: {where}: iscrowd {ann['iscrowd']!r}: expected 0 or 1")
-        area = ann.get("area", 0)
-        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
-            raise DataError(f"{ann_file}: {where}: area {area!r}: expected a finite number >= 0 (pixels)")
         if ann["image_id"] not in images:
             raise DataError(f"{ann_file}: {where} refers to an image id that is not in 'images'")
         if ann["category_id"] not in categories:
@@ -162,6 +159,9 @@ def _validate_annotations(annotations: list, images: dict[int, dict], categories
                 )
             num_dropped += 1
             continue
+        area = ann.get("area", 0)  # COCOeval sorts ground truth into small / medium / large by it
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area) or area < 0:
+            raise DataError(f"{ann_file}: {where}: area {area!r}: expected a finite number >= 0 (pixels)")
         kept.append(ann)
     return kept, num_dropped
 
