@@ -67,6 +67,9 @@ def check_options(options: LaunchOptions) -> None:
         raise ConfigError(f"--workers {options.workers}: expected at least 1")
     if options.gpus_per_run < 1:
         raise ConfigError(f"--gpus-per-run {options.gpus_per_run}: expected at least 1")
+    if options.device.startswith("cuda") and options.launcher != "slurm" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {options.device}: this machine has no CUDA GPU; use --device cpu (or leave it "
+                          "out), or --launcher slurm to run on GPU nodes")
     on_gpu = torch.cuda.is_available() and not options.device.startswith("cpu")
     if on_gpu and options.launcher != "slurm" and options.gpus_per_run > torch.cuda.device_count():
         raise ConfigError(f"--gpus-per-run {options.gpus_per_run}: this machine has {torch.cuda.device_count()} GPU(s)")

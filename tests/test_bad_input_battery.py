@@ -236,3 +236,11 @@ def test_binary_grid_file(tmp_path: Path) -> None:
     spec = tmp_path / "grid.yaml"
     spec.write_bytes(b"\x00\xcf\xff" * 100)
     assert_one_error_line(CliRunner().invoke(app, ["ablate", "--grid", str(spec)]), str(spec), "YAML")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_ablate_on_cuda_without_a_gpu_is_refused_before_any_run(synth_root: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["ablate", "--param", "lambda1", "--values", "1", "--data", str(synth_root),
+                                      "--out", str(tmp_path / "grid"), "--device", "cuda"])  # was: every run failed
+    assert_one_error_line(result, "--device cuda", "no CUDA GPU")
+    assert not (tmp_path / "grid" / "manifest.json").exists()
