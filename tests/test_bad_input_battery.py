@@ -244,3 +244,8 @@ def test_ablate_on_cuda_without_a_gpu_is_refused_before_any_run(synth_root: Path
                                       "--out", str(tmp_path / "grid"), "--device", "cuda"])  # was: every run failed
     assert_one_error_line(result, "--device cuda", "no CUDA GPU")
     assert not (tmp_path / "grid" / "manifest.json").exists()
+
+
+def test_data_synth_negative_seed(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--seed", "-1"])  # numpy's error
+    assert_one_error_line(result, "--seed -1")

@@ -264,6 +264,8 @@ def generate_synthetic_coco(out_dir: Path, num_train: int = 512, num_val: int = 
     for name, value in (("num_train", num_train), ("num_val", num_val)):
         if value < 0:
             raise DataError(f"{name} must be >= 0, got {value}")
+    if not 0 <= seed < 2**32:  # numpy's seed range
+        raise DataError(f"--seed {seed}: expected an integer in [0, 2^32)")
     if image_size < 64:
         raise DataError(f"image_size must be >= 64 pixels, got {image_size}")
     _generate_split(out_dir, "train", num_train, seed, image_size)
